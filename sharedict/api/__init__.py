@@ -1,0 +1,42 @@
+"""The user's side of sharedict: ``Dict``, its errors, and the transport to the daemon."""
+
+from sharedict.api.dict import Dict, DictInfo
+from sharedict.api.errors import (
+    AlreadyExistsError,
+    AsyncUsageWarning,
+    ConnectionLostError,
+    DaemonUnavailableError,
+    DeserializationError,
+    Error,
+    InternalError,
+    InvalidError,
+    LockNotOwnedError,
+    LockTimeoutError,
+    NotFoundError,
+    ProtocolError,
+    RequestSizeError,
+    StorageFullError,
+)
+from sharedict.api.manager import DictManager
+from sharedict.api.transport import Client
+
+__all__ = [
+    "AlreadyExistsError",
+    "AsyncUsageWarning",
+    "Client",
+    "ConnectionLostError",
+    "DaemonUnavailableError",
+    "DeserializationError",
+    "Dict",
+    "DictInfo",
+    "DictManager",
+    "Error",
+    "InternalError",
+    "InvalidError",
+    "LockNotOwnedError",
+    "LockTimeoutError",
+    "NotFoundError",
+    "ProtocolError",
+    "RequestSizeError",
+    "StorageFullError",
+]

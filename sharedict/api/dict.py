@@ -1,0 +1,411 @@
+"""``Dict``: a named, persistent dict that every process of the machine shares.
+
+The API is Modal's ``modal.Dict``. Every I/O method blocks when called, and has an
+awaitable twin: ``d.get("k")`` and ``await d.get.aio("k")``; ``d.items()`` and
+``async for k, v in d.items.aio()``.
+
+Guarantees:
+    * Every call is atomic, and a write returns only once it is durable on disk.
+    * Keys match as in a Python dict (``1``, ``1.0`` and ``True`` are one key), in every
+      process. Iteration follows insertion order.
+    * Values are stored copies: mutating a fetched value changes nothing until it is put
+      back.
+    * Handles are thread-safe, fork-safe and usable from any event loop. They pickle by
+      reference, so a handle can be a value, a key or a function argument.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+from sharedict.api import protocol
+from sharedict.api.codec import (
+    check_environment,
+    check_name,
+    decode_stored_key,
+    decode_value,
+    encode_request_key,
+    encode_request_value,
+    encode_update,
+)
+from sharedict.api.errors import InvalidError, NotFoundError
+from sharedict.api.operation import Item, iteration, operation
+from sharedict.api.transport import Client, Request
+
+PAGE_SIZE = 1000
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class DictInfo:
+    """Facts about a dict that never change."""
+
+    name: str | None
+    created_at: datetime.datetime
+    created_by: str | None
+
+
+def _hex_id(object_id: bytes) -> str:
+    return "di-" + object_id.hex()
+
+
+def _parse_id(dict_id: str) -> bytes:
+    if isinstance(dict_id, str) and dict_id.startswith("di-") and len(dict_id) == 19:
+        try:
+            return bytes.fromhex(dict_id[3:])
+        except ValueError:
+            pass
+    raise InvalidError(f"invalid dict id {dict_id!r}: expected 'di-' and 16 hex digits, as in Dict.object_id")
+
+
+class Dict:
+    """A handle on a named or ephemeral dict; make one with ``from_name``, ``from_id`` or ``ephemeral``."""
+
+    _name: str | None
+    _environment_name: str
+    _create_if_missing: bool
+    _client: Client | None
+    _id: bytes | None
+    _info: DictInfo | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            "Dict(...) cannot be constructed directly; use Dict.from_name(...), Dict.from_id(...) or Dict.ephemeral()"
+        )
+
+    @classmethod
+    def _handle(
+        cls,
+        *,
+        name: str | None,
+        environment_name: str,
+        object_id: bytes | None = None,
+        create_if_missing: bool = False,
+        client: Client | None = None,
+    ) -> Dict:
+        handle = object.__new__(cls)
+        handle._name = name
+        handle._environment_name = environment_name
+        handle._create_if_missing = create_if_missing
+        handle._client = client
+        handle._id = object_id
+        handle._info = None
+        return handle
+
+    # Constructors. None of them does I/O: the first call on the handle looks it up.
+
+    @staticmethod
+    def from_name(
+        name: str,
+        *,
+        environment_name: str | None = None,
+        create_if_missing: bool = False,
+        client: Client | None = None,
+    ) -> Dict:
+        """Return a handle on the dict ``name``; a missing dict raises ``NotFoundError`` on first use.
+
+        With ``create_if_missing=True`` the first use creates the dict instead.
+        """
+        return Dict._handle(
+            name=check_name(name),
+            environment_name=check_environment(environment_name),
+            create_if_missing=create_if_missing,
+            client=client,
+        )
+
+    @staticmethod
+    def from_id(dict_id: str, client: Client | None = None) -> Dict:
+        """Return a handle on the dict whose ``object_id`` is ``dict_id``."""
+        return Dict._handle(name=None, environment_name="", object_id=_parse_id(dict_id), client=client)
+
+    @staticmethod
+    def ephemeral(*, client: Client | None = None, environment_name: str | None = None) -> EphemeralDict:
+        """Return a context manager of a new, unnamed dict, deleted when the block exits.
+
+        Works with ``with`` and ``async with``. The daemon also deletes the dict when the
+        process that created it disconnects, for example by dying.
+        """
+        return EphemeralDict(client, check_environment(environment_name))
+
+    # Identity.
+
+    @property
+    def name(self) -> str | None:
+        """The dict's name; ``None`` for an ephemeral dict, or for ``from_id`` before first use."""
+        return self._name
+
+    @property
+    def object_id(self) -> str:
+        """The dict's id, ``di-`` and 16 hex digits; looks the dict up if needed."""
+        if self._id is None:
+            self.hydrate()
+        return _hex_id(self._id)
+
+    def __repr__(self) -> str:
+        if self._name is None:
+            return f"sharedict.Dict.from_id({_hex_id(self._id)!r})" if self._id else "sharedict.Dict.ephemeral()"
+        if self._environment_name != "main":
+            return f"sharedict.Dict.from_name({self._name!r}, environment_name={self._environment_name!r})"
+        return f"sharedict.Dict.from_name({self._name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Dict):
+            return NotImplemented
+        return self.object_id == other.object_id
+
+    def __hash__(self) -> int:
+        return hash(("sharedict.Dict", self.object_id))
+
+    def __bool__(self) -> bool:
+        # A handle is always true, as in Modal; ``len()`` would cost a request.
+        return True
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _restore_dict, (self.object_id, self._name, self._environment_name)
+
+    @property
+    def _label(self) -> str:
+        if self._name is not None:
+            return f"dict {self._name!r}"
+        return f"ephemeral dict {_hex_id(self._id)}" if self._id else "ephemeral dict"
+
+    def _apply_record(self, record: dict[str, Any]) -> None:
+        self._id = record["id"]
+        if self._name is None and record["name"] is not None:
+            self._name = record["name"]
+        self._environment_name = record["env"]
+        created_at = datetime.datetime.fromtimestamp(record["created_at"], tz=datetime.timezone.utc).astimezone()
+        self._info = DictInfo(name=record["name"], created_at=created_at, created_by=record["created_by"])
+
+    def _hydrated(self) -> Generator[Request, Any, bytes]:
+        """Look the dict up on first use (or create it) and return its id."""
+        if self._id is not None:
+            return self._id
+        try:
+            record = yield Request(protocol.DICT_OPEN, self._environment_name, self._name)
+        except NotFoundError:
+            if not self._create_if_missing:
+                raise NotFoundError(
+                    f"dict {self._name!r} not found in environment {self._environment_name!r}; create it with "
+                    f"Dict.from_name({self._name!r}, create_if_missing=True) or Dict.objects.create({self._name!r})"
+                ) from None
+            record, _ = yield Request(
+                protocol.DICT_CREATE, self._environment_name, self._name, True, write=True
+            )
+        self._apply_record(record)
+        return self._id
+
+    # Management.
+
+    @operation
+    def hydrate(self, client: Client | None = None) -> Generator[Request, Any, Dict]:
+        """Look the dict up now (or create it); raises ``NotFoundError`` if it is missing."""
+        yield from self._hydrated()
+        return self
+
+    @operation
+    def info(self) -> Generator[Request, Any, DictInfo]:
+        """Return the dict's name, creation time (an aware datetime) and creating OS user."""
+        object_id = yield from self._hydrated()
+        if self._info is None:
+            self._apply_record((yield Request(protocol.DICT_BY_ID, object_id)))
+        return self._info
+
+    @operation
+    def clear(self) -> Generator[Request, Any, None]:
+        """Remove every entry, atomically."""
+        object_id = yield from self._hydrated()
+        yield Request(protocol.CLEAR, object_id, write=True)
+
+    # Reads.
+
+    @operation
+    def get(self, key: Any, default: Any = None) -> Generator[Request, Any, Any]:
+        """Return the value of ``key``, or ``default`` when the key is missing."""
+        match_key, _ = encode_request_key(key, self._label)
+        object_id = yield from self._hydrated()
+        found, data = yield Request(protocol.GET, object_id, match_key)
+        if not found:
+            return default
+        return decode_value(data, key, self._label)
+
+    @operation
+    def __getitem__(self, key: Any) -> Generator[Request, Any, Any]:
+        """Return the value of ``key``; raises ``KeyError`` when the key is missing."""
+        match_key, _ = encode_request_key(key, self._label)
+        object_id = yield from self._hydrated()
+        found, data = yield Request(protocol.GET, object_id, match_key)
+        if not found:
+            raise KeyError(key)
+        return decode_value(data, key, self._label)
+
+    @operation
+    def contains(self, key: Any) -> Generator[Request, Any, bool]:
+        """Return whether ``key`` is present."""
+        match_key, _ = encode_request_key(key, self._label)
+        object_id = yield from self._hydrated()
+        return (yield Request(protocol.CONTAINS, object_id, match_key))
+
+    __contains__ = contains
+
+    @operation
+    def len(self) -> Generator[Request, Any, int]:
+        """Return the exact number of entries, without scanning the dict."""
+        object_id = yield from self._hydrated()
+        return (yield Request(protocol.LEN, object_id))
+
+    __len__ = len
+
+    # Writes. Each returns once it is durable.
+
+    @operation
+    def put(self, key: Any, value: Any, *, skip_if_exists: bool = False) -> Generator[Request, Any, bool]:
+        """Store ``value`` under ``key``.
+
+        With ``skip_if_exists=True`` this is an atomic insert-if-absent: it returns True
+        when this call inserted the key, and False, storing nothing, when the key was
+        present. Otherwise it returns True.
+        """
+        match_key, stored_key = encode_request_key(key, self._label)
+        data = encode_request_value(key, value, self._label)
+        object_id = yield from self._hydrated()
+        return (yield Request(protocol.PUT, object_id, match_key, stored_key, data, bool(skip_if_exists), write=True))
+
+    @operation
+    def __setitem__(self, key: Any, value: Any) -> Generator[Request, Any, None]:
+        """Store ``value`` under ``key``."""
+        match_key, stored_key = encode_request_key(key, self._label)
+        data = encode_request_value(key, value, self._label)
+        object_id = yield from self._hydrated()
+        yield Request(protocol.PUT, object_id, match_key, stored_key, data, False, write=True)
+
+    @operation
+    def update(self, other: Any = None, /, **kwargs: Any) -> Generator[Request, Any, None]:
+        """Store many entries in one atomic write: all of them or none.
+
+        ``other`` is a mapping or an iterable of (key, value) pairs, as for
+        ``dict.update``; keyword arguments come after it and win on equal keys.
+        """
+        items: list[tuple[Any, Any]] = []
+        if other is not None:
+            if hasattr(other, "keys"):
+                items.extend((key, other[key]) for key in other.keys())
+            else:
+                for position, pair in enumerate(other):
+                    try:
+                        key, value = pair
+                    except (TypeError, ValueError):
+                        raise TypeError(
+                            f"update() element {position} is {pair!r}, not a (key, value) pair; "
+                            "pass a mapping or an iterable of pairs"
+                        ) from None
+                    items.append((key, value))
+        items.extend(kwargs.items())
+        entries = encode_update(items, self._label)
+        object_id = yield from self._hydrated()
+        yield Request(protocol.UPDATE, object_id, entries, write=True)
+
+    @operation
+    def pop(self, key: Any, default: Any = _MISSING) -> Generator[Request, Any, Any]:
+        """Remove ``key`` and return its value in one step.
+
+        A missing key returns ``default`` when one is given, and raises ``KeyError``
+        otherwise.
+        """
+        match_key, _ = encode_request_key(key, self._label)
+        object_id = yield from self._hydrated()
+        found, data = yield Request(protocol.POP, object_id, match_key, write=True)
+        if not found:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        return decode_value(data, key, self._label)
+
+    @operation
+    def __delitem__(self, key: Any) -> Generator[Request, Any, None]:
+        """Remove ``key``; raises ``KeyError`` when the key is missing."""
+        match_key, _ = encode_request_key(key, self._label)
+        object_id = yield from self._hydrated()
+        found, _ = yield Request(protocol.POP, object_id, match_key, write=True)
+        if not found:
+            raise KeyError(key)
+
+    # Iteration: pages of entries in insertion order, so memory stays bounded.
+
+    def _scan(self, keys: bool, values: bool) -> Generator[Any, Any, None]:
+        object_id = yield from self._hydrated()
+        after_seq = 0
+        while True:
+            entries, done = yield Request(protocol.SCAN, object_id, after_seq, PAGE_SIZE, True, values)
+            for seq, key_data, value_data in entries:
+                key = decode_stored_key(key_data, self._label)
+                if keys and values:
+                    yield Item((key, decode_value(value_data, key, self._label)))
+                elif keys:
+                    yield Item(key)
+                else:
+                    yield Item(decode_value(value_data, key, self._label))
+            if done or not entries:
+                return
+            after_seq = entries[-1][0]
+
+    @iteration
+    def keys(self) -> Generator[Any, Any, None]:
+        """Yield the keys in insertion order; reading keys does not count as activity."""
+        yield from self._scan(keys=True, values=False)
+
+    @iteration
+    def values(self) -> Generator[Any, Any, None]:
+        """Yield the values in insertion order."""
+        yield from self._scan(keys=False, values=True)
+
+    @iteration
+    def items(self) -> Generator[Any, Any, None]:
+        """Yield (key, value) pairs in insertion order."""
+        yield from self._scan(keys=True, values=True)
+
+    __iter__ = keys
+
+
+def _restore_dict(object_id: str, name: str | None, environment_name: str) -> Dict:
+    return Dict._handle(name=name, environment_name=environment_name, object_id=_parse_id(object_id))
+
+
+class EphemeralDict:
+    """The context manager of ``Dict.ephemeral()``, for ``with`` and ``async with``."""
+
+    def __init__(self, client: Client | None, environment_name: str) -> None:
+        self._client = client
+        self._environment_name = environment_name
+        self._dict: Dict | None = None
+
+    @operation
+    def _create(self) -> Generator[Request, Any, Dict]:
+        record = yield Request(protocol.DICT_EPHEMERAL, self._environment_name, write=True)
+        handle = Dict._handle(name=None, environment_name=self._environment_name, client=self._client)
+        handle._apply_record(record)
+        self._dict = handle
+        return handle
+
+    @operation
+    def _delete(self) -> Generator[Request, Any, None]:
+        if self._dict is not None:
+            try:
+                yield Request(protocol.DICT_DELETE, self._dict._id, write=True)
+            except NotFoundError:
+                pass
+
+    def __enter__(self) -> Dict:
+        return self._create()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._delete()
+
+    async def __aenter__(self) -> Dict:
+        return await self._create.aio()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._delete.aio()

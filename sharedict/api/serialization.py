@@ -1,0 +1,153 @@
+"""Keys and values as bytes: the canonical key encoding, and cloudpickle for values.
+
+Keys of type ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``, and tuples and
+frozensets of those get a canonical encoding in which keys that are equal under ``==``
+have the same bytes in every process: ``1``, ``1.0`` and ``True`` are one key, and a
+frozenset is encoded in sorted order whatever the hash seed. This is the *match key*.
+
+Because ``1.0`` and ``True`` must come back from ``keys()`` as the objects first stored,
+a key whose exact types differ from its canonical form also gets a *stored key*, an
+encoding that keeps the types; for plain strings, ints and bytes the two are the same
+and only the match key travels. Keys of any other hashable type are pickled, and match
+by their pickled bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import struct
+from typing import Any
+
+import cloudpickle
+
+from sharedict.api.errors import DeserializationError
+
+PICKLE_PROTOCOL = 5
+
+TAG_NONE = b"N"
+TAG_FALSE = b"0"
+TAG_TRUE = b"1"
+TAG_INT = b"I"
+TAG_FLOAT = b"F"
+TAG_STR = b"S"
+TAG_BYTES = b"Y"
+TAG_TUPLE = b"T"
+TAG_FROZENSET = b"Z"
+TAG_PICKLE = b"P"
+
+_LENGTH = struct.Struct(">I")
+_DOUBLE = struct.Struct(">d")
+_CANONICAL_NAN = _DOUBLE.pack(math.nan)
+
+# Values of these exact types pickle the same with the standard pickler, which is several
+# times faster than cloudpickle for small objects.
+_PLAIN_VALUE_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
+
+
+class _NotCanonical(Exception):
+    pass
+
+
+def _int_bytes(number: int) -> bytes:
+    return TAG_INT + number.to_bytes((number.bit_length() + 8) // 8, "big", signed=True)
+
+
+def _encode(key: Any, exact: bool) -> bytes:
+    """Encode a key of the canonical types; ``exact`` keeps bool and float apart from int."""
+    kind = type(key)
+    if kind is str:
+        return TAG_STR + key.encode("utf-8", "surrogatepass")
+    if kind is int:
+        return _int_bytes(key)
+    if kind is bytes:
+        return TAG_BYTES + key
+    if kind is bool:
+        if exact:
+            return TAG_TRUE if key else TAG_FALSE
+        return _int_bytes(int(key))
+    if kind is float:
+        if math.isnan(key):
+            return TAG_FLOAT + _CANONICAL_NAN
+        if not exact and key.is_integer():
+            return _int_bytes(int(key))  # also maps -0.0 to 0
+        return TAG_FLOAT + _DOUBLE.pack(key)
+    if key is None:
+        return TAG_NONE
+    if kind is tuple:
+        parts = [_encode(item, exact) for item in key]
+        return TAG_TUPLE + _LENGTH.pack(len(parts)) + b"".join(_LENGTH.pack(len(part)) + part for part in parts)
+    if kind is frozenset:
+        parts = sorted(_encode(item, exact) for item in key)
+        return TAG_FROZENSET + _LENGTH.pack(len(parts)) + b"".join(_LENGTH.pack(len(part)) + part for part in parts)
+    raise _NotCanonical
+
+
+def encode_key(key: Any) -> tuple[bytes, bytes | None]:
+    """Return the match key and, when it differs, the stored key of ``key``.
+
+    Raises ``TypeError`` for a key that is not hashable, as a Python dict does, and
+    whatever pickling raises for a key that cannot be pickled.
+    """
+    if type(key) is str:  # the common case, first
+        return TAG_STR + key.encode("utf-8", "surrogatepass"), None
+    hash(key)
+    try:
+        match_key = _encode(key, exact=False)
+    except _NotCanonical:
+        pickled = TAG_PICKLE + cloudpickle.dumps(key, protocol=PICKLE_PROTOCOL)
+        return pickled, None
+    stored_key = _encode(key, exact=True)
+    return match_key, None if stored_key == match_key else stored_key
+
+
+def decode_key(data: bytes) -> Any:
+    """Rebuild a key from its stored (or match) encoding."""
+    key, end = _decode(memoryview(data), 0)
+    if end != len(data):
+        raise DeserializationError(f"stored key has {len(data) - end} trailing bytes; the data directory may be damaged")
+    return key
+
+
+def _decode(data: memoryview, start: int) -> tuple[Any, int]:
+    tag = bytes(data[start : start + 1])
+    body = start + 1
+    if tag == TAG_STR:
+        return bytes(data[body:]).decode("utf-8", "surrogatepass"), len(data)
+    if tag == TAG_INT:
+        return int.from_bytes(data[body:], "big", signed=True), len(data)
+    if tag == TAG_BYTES:
+        return bytes(data[body:]), len(data)
+    if tag == TAG_FLOAT:
+        return _DOUBLE.unpack_from(data, body)[0], body + _DOUBLE.size
+    if tag == TAG_NONE:
+        return None, body
+    if tag == TAG_TRUE:
+        return True, body
+    if tag == TAG_FALSE:
+        return False, body
+    if tag in (TAG_TUPLE, TAG_FROZENSET):
+        (count,) = _LENGTH.unpack_from(data, body)
+        position = body + _LENGTH.size
+        items = []
+        for _ in range(count):
+            (length,) = _LENGTH.unpack_from(data, position)
+            position += _LENGTH.size
+            item, _ = _decode(data[position : position + length], 0)
+            items.append(item)
+            position += length
+        return (tuple(items) if tag == TAG_TUPLE else frozenset(items)), position
+    if tag == TAG_PICKLE:
+        return pickle.loads(data[body:]), len(data)
+    raise DeserializationError(f"stored key has an unknown type tag {tag!r}; the data directory may be damaged")
+
+
+def dump_value(value: Any) -> bytes:
+    """Pickle a value: with the standard pickler for plain scalars, else with cloudpickle."""
+    if type(value) in _PLAIN_VALUE_TYPES:
+        return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
+    return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+
+
+def load_value(data: bytes) -> Any:
+    return pickle.loads(data)

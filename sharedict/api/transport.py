@@ -1,0 +1,237 @@
+"""The client's connections to the daemon, blocking and async, and their retry rules.
+
+A ``Client`` keeps a pool of blocking connections, so that threads never share one
+request at a time, and one async connection per event loop, which carries many requests
+at once matched by request id. After ``fork()`` the child opens connections of its own
+and leaves the parent's untouched.
+
+Retries never apply a write twice: a request is sent again only when it certainly did
+not reach the daemon (the connection was found closed before or while sending it), or
+when it is a read. A write whose connection breaks after it was sent raises
+``ConnectionLostError``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from sharedict.api import protocol
+from sharedict.api.autostart import start_daemon
+from sharedict.api.config import Settings
+from sharedict.api.errors import ConnectionLostError, DaemonUnavailableError, ProtocolError, error_from_code
+
+logger = logging.getLogger(__name__)
+
+RECV_SIZE = 256 << 10
+MAX_IDLE_CONNECTIONS = 16
+_NO_DAEMON_ERRORS = (errno.ENOENT, errno.ECONNREFUSED)
+
+
+class Request:
+    """One operation for the daemon; ``write`` marks a request that changes data."""
+
+    __slots__ = ("op", "args", "write")
+
+    def __init__(self, op: str, *args: Any, write: bool = False) -> None:
+        self.op = op
+        self.args = args
+        self.write = write
+
+    def __repr__(self) -> str:
+        return f"Request({self.op!r})"
+
+
+class _NotSent(Exception):
+    """The request did not leave this process: safe to send again on a new connection."""
+
+
+class _ReplyLost(Exception):
+    """The connection broke after the request was sent."""
+
+
+def reply_result(reply: Any, request_id: int) -> Any:
+    """Return the result of a reply frame, or raise the error it carries."""
+    if not isinstance(reply, list) or len(reply) != 3:
+        raise ProtocolError("the daemon sent a malformed reply; restart it with `sharedict stop`")
+    _, status, result = reply
+    if status == protocol.STATUS_OK:
+        return result
+    raise error_from_code(status, result)
+
+
+class SyncConnection:
+    """A blocking connection that carries one request at a time."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.pid = os.getpid()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(socket_path)
+        self._reader = protocol.FrameReader()
+        self._next_id = 0
+        self.closed = False
+        self.server_info = self.request(Request(protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid()))
+
+    def request(self, request: Request) -> Any:
+        self._next_id += 1
+        request_id = self._next_id
+        frame = protocol.encode_frame([request_id, request.op, *request.args])
+        try:
+            if len(frame[1]) < 65536:
+                self._sock.sendall(frame[0] + frame[1])
+            else:
+                self._sock.sendall(frame[0])
+                self._sock.sendall(frame[1])
+        except OSError as exc:
+            self.close()
+            raise _NotSent from exc
+
+        while True:
+            for body in self._reader.frames():
+                reply = protocol.decode_body(body)
+                if isinstance(reply, list) and reply and reply[0] == request_id:
+                    return reply_result(reply, request_id)
+                if isinstance(reply, list) and reply and reply[0] == 0:
+                    self.close()  # the daemon rejected the connection as a whole
+                    return reply_result(reply, 0)
+            try:
+                data = self._sock.recv(RECV_SIZE)
+            except OSError as exc:
+                self.close()
+                raise _ReplyLost from exc
+            if not data:
+                self.close()
+                raise _ReplyLost
+            self._reader.feed(data)
+
+    def close(self) -> None:
+        self.closed = True
+        self._sock.close()
+
+
+class Client:
+    """Connections to the daemon of one socket path, shared by every handle that uses it.
+
+    Thread-safe and fork-safe. ``Client.default()`` is the client of the settings in the
+    environment.
+    """
+
+    _default: Client | None = None
+    _default_lock = threading.Lock()
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_environ()
+        self._lock = threading.Lock()
+        self._idle: list[SyncConnection] = []
+        self._pid = os.getpid()
+        self._async_connections: Any = None  # created by the async transport on first use
+
+    @classmethod
+    def default(cls) -> Client:
+        client = cls._default
+        if client is None or client._pid != os.getpid():
+            with cls._default_lock:
+                client = cls._default
+                if client is None or client._pid != os.getpid():
+                    client = cls._default = cls()
+        return client
+
+    # Blocking requests.
+
+    def call(self, request: Request) -> Any:
+        """Send a request and return its result, reconnecting where that is safe."""
+        for attempt in range(3):
+            conn = self._checkout()
+            try:
+                result = conn.request(request)
+            except _NotSent:
+                continue
+            except _ReplyLost:
+                if request.write:
+                    raise ConnectionLostError(
+                        f"the connection to the daemon broke after {request.op} was sent; the write may or may "
+                        "not have been applied, so read the entry to find out"
+                    ) from None
+                continue
+            except BaseException:
+                conn.close()  # a half-read reply would confuse the next request
+                raise
+            self._checkin(conn)
+            return result
+        raise DaemonUnavailableError(f"the daemon on {self.settings.socket_path} closed every connection; check its log")
+
+    def _checkout(self) -> SyncConnection:
+        if self._pid != os.getpid():
+            self._after_fork()
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed:
+                    return conn
+        return self._connect()
+
+    def _checkin(self, conn: SyncConnection) -> None:
+        if conn.closed or conn.pid != os.getpid():
+            return
+        with self._lock:
+            if len(self._idle) < MAX_IDLE_CONNECTIONS:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _after_fork(self) -> None:
+        # The parent's sockets stay open in the parent: only forget them here. Closing a
+        # copied descriptor does not touch the parent's connection.
+        self._lock = threading.Lock()
+        for conn in self._idle:
+            conn.closed = True
+        self._idle = []
+        self._async_connections = None
+        self._pid = os.getpid()
+
+    def _connect(self) -> SyncConnection:
+        socket_path = self.settings.socket_path
+        try:
+            return SyncConnection(socket_path)
+        except OSError as exc:
+            if exc.errno not in _NO_DAEMON_ERRORS:
+                raise DaemonUnavailableError(f"cannot connect to the daemon on {socket_path}: {exc}") from exc
+        if not self.settings.autostart:
+            raise DaemonUnavailableError(
+                f"no sharedict daemon is running on {socket_path}; start one with `sharedict serve`, "
+                "or unset SHAREDICT_AUTOSTART=0 to let clients start it"
+            )
+        start_daemon(self.settings, self.daemon_is_up)
+        try:
+            return SyncConnection(socket_path)
+        except OSError as exc:
+            raise DaemonUnavailableError(f"the daemon started but refuses connections on {socket_path}: {exc}") from exc
+
+    def daemon_is_up(self) -> bool:
+        """Return whether a daemon accepts connections on the socket."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.settings.socket_path)
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
+
+    def close(self) -> None:
+        """Close the idle connections; later calls open new ones."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _reset_default_after_fork() -> None:
+    Client._default_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_default_after_fork)

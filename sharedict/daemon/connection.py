@@ -1,0 +1,235 @@
+"""One client connection: a thread that reads requests, and a sender that never blocks.
+
+The connection's thread blocks in ``recv``, which on this machine kind is the cheapest way
+to serve a small request. Replies to reads are sent from that thread; replies to writes
+are sent from the writer thread once the write is durable. Neither thread may ever wait
+for a slow client, so every send is non-blocking, and what the socket cannot take at once
+goes to a backlog that a helper thread flushes.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import pwd
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+from sharedict.api import protocol
+from sharedict.api.errors import CODE_BY_ERROR, ProtocolError, RequestSizeError
+from sharedict.daemon.handlers import RequestError, error_code
+from sharedict.engine import EngineError
+
+if TYPE_CHECKING:
+    from sharedict.daemon.server import Server
+
+logger = logging.getLogger(__name__)
+
+RECV_SIZE = 256 << 10
+# A client that stops reading its replies is cut off once this much waits for it.
+MAX_BACKLOG_BYTES = 1 << 30
+# Replies smaller than this are joined and sent in one call.
+JOIN_LIMIT = 64 << 10
+
+_connection_ids = itertools.count(1)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+class Connection:
+    """A client's connection, served by a thread of its own."""
+
+    def __init__(self, server: Server, sock: socket.socket, pid: int, uid: int) -> None:
+        self.server = server
+        self.sock = sock
+        self.pid = pid
+        self.uid = uid
+        self.user_name = _user_name(uid)
+        self.id = next(_connection_ids)
+        self._greeted = False
+        self._send_lock = threading.Lock()
+        self._backlog: collections.deque[bytes | memoryview] = collections.deque()
+        self._backlog_bytes = 0
+        self._flushing = False
+        self._closed = False
+        self.thread = threading.Thread(target=self.serve, name=f"sharedict-conn-{self.id}", daemon=True)
+
+    # Receiving.
+
+    def serve(self) -> None:
+        reader = protocol.FrameReader()
+        try:
+            while not self._closed:
+                data = self.sock.recv(RECV_SIZE)
+                if not data:
+                    return
+                reader.feed(data)
+                replies: list[bytes] = []
+                for body in reader.frames():
+                    reply = self._handle_frame(body)
+                    if reply is not None:
+                        replies.append(reply)
+                if replies:
+                    self.send(replies)
+        except protocol.FrameTooLarge as exc:
+            logger.warning("connection %d (pid %d): %s; closing it", self.id, self.pid, exc)
+            self.send([protocol.encode_frame_bytes([0, CODE_BY_ERROR[RequestSizeError], str(exc)])])
+        except protocol.MalformedFrame as exc:
+            logger.warning("connection %d (pid %d): %s; closing it", self.id, self.pid, exc)
+            self.send([protocol.encode_frame_bytes([0, CODE_BY_ERROR[ProtocolError], str(exc)])])
+        except OSError as exc:
+            logger.debug("connection %d (pid %d) failed: %s", self.id, self.pid, exc)
+        except Exception:
+            logger.exception("connection %d (pid %d) failed", self.id, self.pid)
+        finally:
+            self.close()
+
+    def _handle_frame(self, body: bytes) -> bytes | None:
+        """Handle one request frame; return the reply frame, or None if a write will send it."""
+        request = protocol.decode_body(body)
+        if not isinstance(request, list) or len(request) < 2:
+            raise protocol.MalformedFrame("a request must be an array of [request id, operation, arguments...]")
+        request_id, op, args = request[0], request[1], request[2:]
+        if not isinstance(request_id, int) or isinstance(request_id, bool) or not 0 <= request_id < 1 << 64:
+            raise protocol.MalformedFrame("a request id must be an integer from 0 to 2**64-1")
+        if not isinstance(op, str):
+            return self._error_frame(request_id, ProtocolError, "the operation must be a string")
+
+        if not self._greeted:
+            return self._hello(request_id, op, args)
+
+        handlers = self.server.handlers
+        try:
+            read = handlers.reads.get(op)
+            if read is not None:
+                return protocol.encode_frame_bytes([request_id, protocol.STATUS_OK, read(self, args)])
+            write = handlers.writes.get(op)
+            if write is not None:
+                function, size = write(self, args)
+                self.server.writer.submit(function, self._reply_callback(request_id), size)
+                return None
+            extra = self.server.extra_operation(op)
+            if extra is not None:
+                return extra(self, request_id, args)
+            return self._error_frame(request_id, ProtocolError, f"unknown operation {op!r}")
+        except (RequestError, EngineError) as exc:
+            code, message = error_code(exc)
+            return protocol.encode_frame_bytes([request_id, code, message])
+        except Exception as exc:
+            logger.exception("connection %d (pid %d): %s failed", self.id, self.pid, op)
+            code, message = error_code(exc)
+            return protocol.encode_frame_bytes([request_id, code, message])
+
+    def _hello(self, request_id: int, op: str, args: list[Any]) -> bytes:
+        if op != protocol.HELLO:
+            return self._error_frame(request_id, ProtocolError, f"the first request must be {protocol.HELLO!r}, not {op!r}")
+        if not args or args[0] != protocol.PROTOCOL_VERSION:
+            version = args[0] if args else None
+            return self._error_frame(
+                request_id,
+                ProtocolError,
+                f"this daemon speaks protocol {protocol.PROTOCOL_VERSION} and the client speaks {version!r}; "
+                "install the same sharedict version for both, or stop the daemon with `sharedict stop`",
+            )
+        self._greeted = True
+        return protocol.encode_frame_bytes([request_id, protocol.STATUS_OK, self.server.hello_info()])
+
+    def _reply_callback(self, request_id: int):  # noqa: ANN202 - a closure for the writer
+        def reply(result: Any, error: BaseException | None) -> None:
+            if error is None:
+                frame = protocol.encode_frame([request_id, protocol.STATUS_OK, result])
+            else:
+                if not isinstance(error, EngineError):
+                    logger.error("connection %d (pid %d): write failed: %r", self.id, self.pid, error)
+                code, message = error_code(error)
+                frame = [protocol.encode_frame_bytes([request_id, code, message])]
+            self.send(frame)
+
+        return reply
+
+    @staticmethod
+    def _error_frame(request_id: int, error: type[Exception], message: str) -> bytes:
+        return protocol.encode_frame_bytes([request_id, CODE_BY_ERROR[error], message])
+
+    # Sending.
+
+    def send(self, buffers: list[bytes]) -> None:
+        """Send frames without blocking; what the socket cannot take now is sent later."""
+        if len(buffers) > 1 and sum(len(buffer) for buffer in buffers) <= JOIN_LIMIT:
+            buffers = [b"".join(buffers)]
+        with self._send_lock:
+            if self._closed:
+                return
+            if self._flushing:
+                self._queue(buffers)
+                return
+            for index, buffer in enumerate(buffers):
+                try:
+                    sent = self.sock.send(buffer, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._closed = True
+                    return
+                if sent < len(buffer):
+                    self._queue([memoryview(buffer)[sent:], *buffers[index + 1 :]])
+                    self._flushing = True
+                    threading.Thread(target=self._flush, name=f"sharedict-flush-{self.id}", daemon=True).start()
+                    return
+
+    def _queue(self, buffers: list[bytes | memoryview]) -> None:
+        for buffer in buffers:
+            self._backlog.append(buffer)
+            self._backlog_bytes += len(buffer)
+        if self._backlog_bytes > MAX_BACKLOG_BYTES:
+            logger.warning(
+                "connection %d (pid %d) has %d MiB of unread replies; closing it",
+                self.id,
+                self.pid,
+                self._backlog_bytes >> 20,
+            )
+            self._closed = True
+            self._backlog.clear()
+            self._shutdown_socket()
+
+    def _flush(self) -> None:
+        while True:
+            with self._send_lock:
+                if not self._backlog or self._closed:
+                    self._flushing = False
+                    return
+                buffer = self._backlog.popleft()
+                self._backlog_bytes -= len(buffer)
+            try:
+                self.sock.sendall(buffer)
+            except OSError:
+                with self._send_lock:
+                    self._closed = True
+                    self._flushing = False
+                return
+
+    # Closing.
+
+    def _shutdown_socket(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Close the connection; replies still owed to it are dropped."""
+        with self._send_lock:
+            if self._closed and self.sock.fileno() == -1:
+                return
+            self._closed = True
+            self._backlog.clear()
+        self._shutdown_socket()
+        self.sock.close()
+        self.server.connection_closed(self)

@@ -1,0 +1,257 @@
+"""The daemon: one process per data directory that serves the engine on a Unix socket.
+
+``Server.run()`` takes the data directory's lock and the socket's lock, opens the store,
+starts the writer and the sweeper, and accepts connections until SIGTERM, SIGINT or a
+``shutdown`` request. Stopping finishes the commits in flight before the process exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sharedict import __version__
+from sharedict.api import protocol
+from sharedict.api.config import Settings
+from sharedict.daemon import security
+from sharedict.daemon.connection import Connection
+from sharedict.daemon.handlers import Handlers
+from sharedict.engine import GroupCommitWriter, Store
+from sharedict.engine.store import Touch
+from sharedict.engine.sweeper import Sweeper
+
+logger = logging.getLogger(__name__)
+
+ExtraOperation = Callable[[Connection, int, list[Any]], "bytes | None"]
+
+
+class Server:
+    """The daemon's state: the store, its writer and sweeper, and the open connections."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.sweep_interval <= 0:
+            raise security.SetupError(
+                f"sweep interval {settings.sweep_interval} s is invalid; give a positive number of seconds"
+            )
+        self.settings = settings
+        self.started_at = time.time()
+        self.store: Store
+        self.writer: GroupCommitWriter
+        self.sweeper: Sweeper
+        self.handlers: Handlers
+        self._connections: dict[int, Connection] = {}
+        self._connections_lock = threading.Lock()
+        self._extra_operations: dict[str, ExtraOperation] = {}
+        self._wakeup_read, self._wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = threading.Event()
+
+    # Life cycle.
+
+    def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Serve until stopped; raise ``SetupError`` when another daemon runs or a check fails.
+
+        ``on_ready`` is called once the socket accepts connections.
+        """
+        settings = self.settings
+        security.prepare_private_dir(settings.data_dir, "data directory")
+        security.prepare_socket_dir(settings.socket_path)
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(security.exclusive_lock(os.path.join(settings.data_dir, "daemon.lock"), settings.data_dir))
+            stack.enter_context(security.exclusive_lock(settings.socket_path + ".lock", settings.socket_path))
+
+            self.store = Store(settings.data_dir, expire_after=settings.expire_after)
+            stack.callback(self.store.close)
+            self.writer = GroupCommitWriter(self.store)
+            self.writer.start()
+            self.sweeper = Sweeper(self.store, self.writer, settings.sweep_interval, on_idle=self.reap_ephemeral_dicts)
+            self.handlers = Handlers(self)
+            self.reap_ephemeral_dicts()
+            self.sweeper.start()
+
+            listener = security.bind_socket(settings.socket_path)
+            stack.callback(self._remove_socket, settings.socket_path)
+            stack.callback(listener.close)
+            self._install_signal_handlers()
+            self.register_operation(protocol.SHUTDOWN, self._shutdown_request)
+            logger.info(
+                "sharedict %s serving pid=%d socket=%s data_dir=%s expire_after=%s",
+                __version__,
+                os.getpid(),
+                settings.socket_path,
+                settings.data_dir,
+                settings.expire_after,
+            )
+            if on_ready is not None:
+                on_ready()
+            self._accept_loop(listener)
+            self._shutdown()
+        logger.info("sharedict stopped pid=%d", os.getpid())
+
+    def stop(self) -> None:
+        """Ask the accept loop to stop; safe from signal handlers and any thread."""
+        self._stopping.set()
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wakeup_write, b"x")
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda signum, frame: self.stop())
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        listener.setblocking(False)
+        with selectors.DefaultSelector() as selector:
+            selector.register(listener, selectors.EVENT_READ)
+            selector.register(self._wakeup_read, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                for key, _ in selector.select():
+                    if key.fileobj is listener:
+                        self._accept(listener)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    logger.warning("cannot accept a connection: %s", exc)
+                    return
+                raise
+            sock.setblocking(True)
+            pid, uid, _ = security.peer_credentials(sock)
+            if uid != os.getuid():
+                logger.warning("rejected a connection from pid %d of uid %d; only uid %d may connect", pid, uid, os.getuid())
+                sock.close()
+                continue
+            conn = Connection(self, sock, pid, uid)
+            with self._connections_lock:
+                self._connections[conn.id] = conn
+            conn.thread.start()
+
+    def _shutdown(self) -> None:
+        logger.info("stopping: finishing the commits in flight")
+        self.sweeper.stop()
+        self.writer.stop()
+        with self._connections_lock:
+            connections = list(self._connections.values())
+        for conn in connections:
+            conn._shutdown_socket()
+        for conn in connections:
+            conn.thread.join(timeout=5)
+
+    def _shutdown_request(self, conn: Connection, request_id: int, args: list[Any]) -> bytes:
+        logger.info("shutdown requested by pid %d", conn.pid)
+        self.stop()
+        return protocol.encode_frame_bytes([request_id, protocol.STATUS_OK, None])
+
+    @staticmethod
+    def _remove_socket(socket_path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path)
+
+    # Services for connections and handlers.
+
+    def connection_closed(self, conn: Connection) -> None:
+        with self._connections_lock:
+            self._connections.pop(conn.id, None)
+            pid_still_connected = any(other.pid == conn.pid for other in self._connections.values())
+        if not pid_still_connected and not self._stopping.is_set():
+            self._delete_ephemeral_dicts(lambda owner_pid: owner_pid == conn.pid)
+
+    def reap_ephemeral_dicts(self) -> None:
+        """Delete the ephemeral dicts of processes that have gone away."""
+        with self._connections_lock:
+            connected = {conn.pid for conn in self._connections.values()}
+
+        def gone(owner_pid: int) -> bool:
+            return owner_pid not in connected and not _process_exists(owner_pid)
+
+        self._delete_ephemeral_dicts(gone)
+
+    def _delete_ephemeral_dicts(self, should_delete: Callable[[int], bool]) -> None:
+        def write(txn: Any) -> int:
+            deleted = 0
+            for record in self.store.ephemeral_dicts(txn):
+                if should_delete(record.owner_pid):
+                    self.store.delete_dict(txn, record.object_id)
+                    deleted += 1
+            return deleted
+
+        def done(deleted: Any, error: BaseException | None) -> None:
+            if error is not None:
+                logger.error("deleting ephemeral dicts failed: %r", error)
+            elif deleted:
+                logger.info("deleted %d ephemeral dicts of processes that are gone", deleted)
+
+        with contextlib.suppress(Exception):
+            self.writer.submit(write, done)
+
+    def record_access(self, touch: Touch) -> None:
+        """Queue the access a read found due; nobody waits for it."""
+        with contextlib.suppress(Exception):
+            self.writer.submit(lambda txn: self.store.touch(txn, touch))
+
+    def register_operation(self, op: str, handler: ExtraOperation) -> None:
+        """Add an operation served outside the store, such as the lock service."""
+        self._extra_operations[op] = handler
+
+    def extra_operation(self, op: str) -> ExtraOperation | None:
+        return self._extra_operations.get(op)
+
+    def hello_info(self) -> dict[str, Any]:
+        return {"protocol": protocol.PROTOCOL_VERSION, "version": __version__, "pid": os.getpid()}
+
+    def status(self) -> dict[str, Any]:
+        with self.store.reader() as txn:
+            dict_count = self.store.count_dicts(txn)
+            entry_count = self.store.count_entries(txn)
+        data_bytes = sum(
+            os.path.getsize(os.path.join(self.settings.data_dir, name))
+            for name in ("data.mdb", "lock.mdb")
+            if os.path.exists(os.path.join(self.settings.data_dir, name))
+        )
+        with self._connections_lock:
+            connection_count = len(self._connections)
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "started_at": self.started_at,
+            "uptime": time.time() - self.started_at,
+            "socket_path": self.settings.socket_path,
+            "data_dir": self.settings.data_dir,
+            "data_bytes": data_bytes,
+            "disk_free_bytes": shutil.disk_usage(self.settings.data_dir).free,
+            "dicts": dict_count,
+            "entries": entry_count,
+            "connections": connection_count,
+            "expire_after": self.settings.expire_after,
+            "sweep_interval": self.settings.sweep_interval,
+            "last_sweep_at": self.sweeper.last_sweep_at,
+            "swept_entries": self.sweeper.swept_entries,
+            "commits": self.writer.commits,
+            "writes": self.writer.writes,
+        }
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,661 @@
+"""Named dicts and their entries in one LMDB environment.
+
+Layout of the sub-databases (all keys big-endian, so that byte order is numeric order):
+
+``names``    ``env NUL name`` -> object id (8 bytes)
+``dicts``    object id -> msgpack record: name, env, created_at, created_by, data id, owner pid
+``stats``    data id -> entry count and next sequence number
+``index``    data id + key ref -> sequence number + value
+``order``    data id + sequence number -> last access + key ref + stored key
+``access``   data id + last access + sequence number -> empty: the last-access index
+``garbage``  data id -> empty: entries of cleared or deleted dicts, removed in the background
+``meta``     small named counters, such as the fencing tokens of locks
+
+A dict's entries live under its *data id*, not under its object id. ``clear()`` and
+deletion give the dict a fresh data id (or drop the record) in one small transaction and
+leave the old entries to the background sweeper, so that both are O(1) and atomic.
+
+The *key ref* of an entry is the client's canonical key bytes when they fit into an LMDB
+key, and their SHA-256 digest otherwise, so that keys of any size work. The *sequence
+number* orders entries by insertion: overwriting keeps it, deleting and inserting again
+takes a new one. Times are wall-clock milliseconds, because expiry must hold across
+restarts of the daemon.
+
+Every method that takes a ``txn`` runs inside it and commits nothing. Write transactions
+belong to the writer thread (see ``writer.py``); readers use ``Store.reader()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import lmdb
+import msgpack
+
+from sharedict.engine.errors import DictExists, DictNotFound, EngineError, EntryNotFound, StorageFull
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+# LMDB rejects keys over 511 bytes. A key ref is one tag byte plus the canonical key, or
+# plus a 32-byte digest, behind an 8-byte data id.
+INLINE_KEY_LIMIT = 480
+_INLINE = b"\x00"
+_HASHED = b"\x01"
+
+_U64 = struct.Struct(">Q")
+_STATS = struct.Struct(">QQ")  # entry count, next sequence number
+_ORDER_HEAD = struct.Struct(">QBH")  # last access, flags, key ref length
+_FLAG_STORED_KEY = 1  # the stored key differs from the canonical key and follows the key ref
+
+INITIAL_MAP_SIZE = 1 << 30
+# The map grows when a write could bring it past this share of its size.
+GROW_THRESHOLD = 0.75
+
+
+@dataclass(frozen=True)
+class DictRecord:
+    """A named or ephemeral dict as the engine stores it."""
+
+    object_id: bytes
+    name: str | None
+    environment_name: str
+    created_at: float
+    created_by: str
+    data_id: bytes
+    owner_pid: int | None = None
+
+    def pack(self) -> bytes:
+        return msgpack.packb(
+            [self.name, self.environment_name, self.created_at, self.created_by, self.data_id, self.owner_pid]
+        )
+
+    @classmethod
+    def unpack(cls, object_id: bytes, raw: bytes) -> DictRecord:
+        name, env, created_at, created_by, data_id, owner_pid = msgpack.unpackb(raw)
+        return cls(object_id, name, env, created_at, created_by, data_id, owner_pid)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry yielded by ``Store.scan``: its position, its stored key and its value."""
+
+    seq: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True)
+class Touch:
+    """An access a read found due: the writer records it later, without blocking the read."""
+
+    index_key: bytes
+    seq: int
+
+
+def key_ref(match_key: bytes) -> bytes:
+    """Return the part of the index key that identifies ``match_key`` within a dict."""
+    if len(match_key) <= INLINE_KEY_LIMIT:
+        return _INLINE + match_key
+    return _HASHED + hashlib.sha256(match_key).digest()
+
+
+class _ResizeGate:
+    """Lets read transactions run together, and the map resize run alone.
+
+    LMDB allows ``mdb_env_set_mapsize`` only while the process has no transaction open.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._resizing = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._resizing = True
+            while self._readers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+class Store:
+    """The LMDB environment of one data directory, with named dicts and their entries.
+
+    Args:
+        data_dir: directory of the environment; created if missing.
+        expire_after: seconds without activity after which an entry expires; 0 disables
+            expiry.
+        clock: wall-clock time in seconds, injectable for tests.
+        map_size: initial size of the memory map in bytes; it grows as needed.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        expire_after: float = 0.0,
+        clock: Callable[[], float] = time.time,
+        map_size: int = INITIAL_MAP_SIZE,
+    ) -> None:
+        self.data_dir = os.fspath(data_dir)
+        self.expire_after = float(expire_after)
+        self._clock = clock
+        self._gate = _ResizeGate()
+
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        self.env = lmdb.open(
+            self.data_dir,
+            map_size=map_size,
+            max_dbs=16,
+            max_readers=1024,
+            sync=True,
+            metasync=True,
+            readahead=False,
+            meminit=False,
+        )
+        self._names = self.env.open_db(b"names")
+        self._dicts = self.env.open_db(b"dicts")
+        self._stats = self.env.open_db(b"stats")
+        self._index = self.env.open_db(b"index")
+        self._order = self.env.open_db(b"order")
+        self._access = self.env.open_db(b"access")
+        self._garbage = self.env.open_db(b"garbage")
+        self._meta = self.env.open_db(b"meta")
+        self._check_format()
+
+    def close(self) -> None:
+        self.env.close()
+
+    def _check_format(self) -> None:
+        with self.env.begin(write=True) as txn:
+            stored = txn.get(b"format", db=self._meta)
+            if stored is None:
+                txn.put(b"format", _U64.pack(FORMAT_VERSION), db=self._meta)
+            elif _U64.unpack(stored)[0] != FORMAT_VERSION:
+                raise EngineError(
+                    f"data directory {self.data_dir} has format {_U64.unpack(stored)[0]}, and this version of "
+                    f"sharedict reads format {FORMAT_VERSION}; upgrade sharedict or use another data directory"
+                )
+
+    # Transactions and the map.
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[lmdb.Transaction]:
+        """Open a short read transaction; keep it for one request, not for a whole scan."""
+        with self._gate.shared():
+            txn = self.env.begin()
+            try:
+                yield txn
+            finally:
+                txn.abort()
+
+    def begin_write(self) -> lmdb.Transaction:
+        """Open the write transaction; only the writer thread may call this."""
+        return self.env.begin(write=True)
+
+    def ensure_room(self, incoming_bytes: int) -> None:
+        """Grow the map ahead of time when ``incoming_bytes`` more could fill it.
+
+        Call between write transactions, from the writer thread.
+        """
+        info = self.env.info()
+        page_size = self.env.stat()["psize"]
+        used = (info["last_pgno"] + 1) * page_size
+        # Pages of a write are copied on write, and large values are written whole, so
+        # a write may take about twice its size until older pages are reused.
+        needed = used + 2 * incoming_bytes
+        if needed <= info["map_size"] * GROW_THRESHOLD:
+            return
+        new_size = info["map_size"]
+        while needed > new_size * GROW_THRESHOLD:
+            new_size *= 2
+        self.grow_map(new_size)
+
+    def grow_map(self, new_size: int | None = None) -> None:
+        """Set a larger map size while no transaction of this process is open."""
+        old_size = self.env.info()["map_size"]
+        new_size = new_size or old_size * 2
+        with self._gate.exclusive():
+            try:
+                self.env.set_mapsize(new_size)
+            except lmdb.Error as exc:
+                raise StorageFull(f"cannot grow the map of {self.data_dir} to {new_size} bytes: {exc}") from exc
+        logger.warning("map grown from %d MiB to %d MiB", old_size >> 20, new_size >> 20)
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _expired(self, access_ms: int, now_ms: int) -> bool:
+        return self.expire_after > 0 and now_ms - access_ms >= self.expire_after * 1000
+
+    # Dicts.
+
+    def create_dict(
+        self,
+        txn: lmdb.Transaction,
+        environment_name: str,
+        name: str | None,
+        *,
+        created_by: str,
+        exist_ok: bool,
+        owner_pid: int | None = None,
+    ) -> tuple[DictRecord, bool]:
+        """Create a dict, or with ``exist_ok`` return the one of this name.
+
+        Returns the record and whether this call created it. A dict without a name is
+        ephemeral and is deleted when ``owner_pid`` goes away.
+        """
+        if name is not None:
+            name_key = _name_key(environment_name, name)
+            object_id = txn.get(name_key, db=self._names)
+            if object_id is not None:
+                if not exist_ok:
+                    raise DictExists(f"dict {name!r} already exists in environment {environment_name!r}")
+                return self._load_dict(txn, object_id), False
+
+        object_id = self._new_id(txn, self._dicts)
+        record = DictRecord(
+            object_id=object_id,
+            name=name,
+            environment_name=environment_name,
+            created_at=self._clock(),
+            created_by=created_by,
+            data_id=self._new_id(txn, self._stats),
+            owner_pid=owner_pid,
+        )
+        txn.put(object_id, record.pack(), db=self._dicts)
+        txn.put(record.data_id, _STATS.pack(0, 1), db=self._stats)
+        if name is not None:
+            txn.put(name_key, object_id, db=self._names)
+        return record, True
+
+    def lookup_dict(self, txn: lmdb.Transaction, environment_name: str, name: str) -> DictRecord:
+        object_id = txn.get(_name_key(environment_name, name), db=self._names)
+        if object_id is None:
+            raise DictNotFound(f"dict {name!r} not found in environment {environment_name!r}")
+        return self._load_dict(txn, object_id)
+
+    def dict_by_id(self, txn: lmdb.Transaction, object_id: bytes) -> DictRecord:
+        return self._load_dict(txn, object_id)
+
+    def list_dicts(self, txn: lmdb.Transaction, environment_name: str | None = None) -> list[DictRecord]:
+        """Return the named dicts, newest first; all environments when none is given."""
+        prefix = b"" if environment_name is None else environment_name.encode() + b"\x00"
+        records = []
+        with txn.cursor(db=self._names) as cursor:
+            if cursor.set_range(prefix):
+                for name_key, object_id in cursor:
+                    if not name_key.startswith(prefix):
+                        break
+                    records.append(self._load_dict(txn, object_id))
+        records.sort(key=lambda record: record.created_at, reverse=True)
+        return records
+
+    def ephemeral_dicts(self, txn: lmdb.Transaction) -> list[DictRecord]:
+        records = []
+        for object_id, raw in txn.cursor(db=self._dicts):
+            record = DictRecord.unpack(object_id, raw)
+            if record.owner_pid is not None:
+                records.append(record)
+        return records
+
+    def delete_dict(self, txn: lmdb.Transaction, object_id: bytes) -> DictRecord:
+        """Delete a dict; its entries go to the background sweeper."""
+        record = self._load_dict(txn, object_id)
+        txn.delete(object_id, db=self._dicts)
+        if record.name is not None:
+            txn.delete(_name_key(record.environment_name, record.name), db=self._names)
+        self._discard_data(txn, record.data_id)
+        return record
+
+    def count_dicts(self, txn: lmdb.Transaction) -> int:
+        return txn.stat(self._dicts)["entries"]
+
+    def count_entries(self, txn: lmdb.Transaction) -> int:
+        """Return the entries of all dicts, counting expired ones not yet swept."""
+        return sum(_STATS.unpack(raw)[0] for raw in txn.cursor(db=self._stats).iternext(keys=False))
+
+    def _load_dict(self, txn: lmdb.Transaction, object_id: bytes) -> DictRecord:
+        raw = txn.get(object_id, db=self._dicts)
+        if raw is None:
+            raise DictNotFound(f"dict di-{object_id.hex()} not found; it was deleted")
+        return DictRecord.unpack(object_id, raw)
+
+    def _new_id(self, txn: lmdb.Transaction, db: object) -> bytes:
+        # Random ids are never reused, so a handle kept across a delete and a re-create
+        # of the same name can never reach the new dict.
+        while True:
+            new_id = secrets.token_bytes(8)
+            if txn.get(new_id, db=db) is None and txn.get(new_id, db=self._garbage) is None:
+                return new_id
+
+    def _discard_data(self, txn: lmdb.Transaction, data_id: bytes) -> None:
+        txn.delete(data_id, db=self._stats)
+        txn.put(data_id, b"", db=self._garbage)
+
+    # Entries: reads.
+
+    def get(self, txn: lmdb.Transaction, object_id: bytes, match_key: bytes) -> tuple[bytes, Touch | None]:
+        """Return the value of a key, and the access to record for it, if one is due.
+
+        Raises ``EntryNotFound`` when the key is missing or its entry has expired.
+        """
+        record = self._load_dict(txn, object_id)
+        found = self._find(txn, record.data_id, match_key)
+        if found is None:
+            raise EntryNotFound
+        seq, value, access_ms = found
+        return value, self._due_touch(record.data_id, match_key, seq, access_ms)
+
+    def contains(self, txn: lmdb.Transaction, object_id: bytes, match_key: bytes) -> tuple[bool, Touch | None]:
+        """Return whether the key is present, and the access to record for it, if one is due."""
+        record = self._load_dict(txn, object_id)
+        found = self._find(txn, record.data_id, match_key)
+        if found is None:
+            return False, None
+        seq, _, access_ms = found
+        return True, self._due_touch(record.data_id, match_key, seq, access_ms)
+
+    def length(self, txn: lmdb.Transaction, object_id: bytes) -> int:
+        """Return the exact number of live entries.
+
+        The count is kept with the dict; only entries expired but not yet swept are
+        counted here, by a range read of the last-access index.
+        """
+        record = self._load_dict(txn, object_id)
+        count, _ = _STATS.unpack(txn.get(record.data_id, db=self._stats))
+        return count - self._count_expired(txn, record.data_id)
+
+    def scan(
+        self,
+        txn: lmdb.Transaction,
+        object_id: bytes,
+        after_seq: int,
+        *,
+        limit: int,
+        max_bytes: int,
+        keys: bool,
+        values: bool,
+    ) -> tuple[list[Entry], list[Touch], bool]:
+        """Read the next page of entries in insertion order, after ``after_seq``.
+
+        Returns the entries, the accesses to record (values count as activity, keys
+        alone do not), and whether the end of the dict was reached.
+        """
+        record = self._load_dict(txn, object_id)
+        data_id = record.data_id
+        now_ms = self.now_ms()
+        entries: list[Entry] = []
+        touched: list[Touch] = []
+        size = 0
+
+        with txn.cursor(db=self._order) as cursor:
+            if not cursor.set_range(data_id + _U64.pack(after_seq + 1)):
+                return entries, touched, True
+            for order_key, order_value in cursor:
+                if not order_key.startswith(data_id):
+                    return entries, touched, True
+                if len(entries) >= limit or size >= max_bytes:
+                    return entries, touched, False
+
+                seq = _U64.unpack_from(order_key, 8)[0]
+                access_ms, ref, stored_key = _unpack_order(order_value)
+                if self._expired(access_ms, now_ms):
+                    continue
+
+                value = None
+                if values:
+                    index_value = txn.get(data_id + ref, db=self._index)
+                    value = index_value[8:]
+                    size += len(value)
+                    if self._access_is_stale(access_ms, now_ms):
+                        touched.append(Touch(data_id + ref, seq))
+                key = stored_key if keys else None
+                size += len(stored_key) if keys else 0
+                entries.append(Entry(seq, key, value))
+        return entries, touched, True
+
+    # Entries: writes. Each runs in the writer's transaction.
+
+    def put(
+        self,
+        txn: lmdb.Transaction,
+        object_id: bytes,
+        match_key: bytes,
+        stored_key: bytes | None,
+        value: bytes,
+        *,
+        skip_if_exists: bool = False,
+    ) -> bool:
+        """Insert or overwrite an entry; return False if ``skip_if_exists`` found the key."""
+        record = self._load_dict(txn, object_id)
+        return self._put(txn, record.data_id, match_key, stored_key, value, skip_if_exists, self.now_ms())
+
+    def update(
+        self,
+        txn: lmdb.Transaction,
+        object_id: bytes,
+        entries: list[tuple[bytes, bytes | None, bytes]],
+    ) -> None:
+        """Insert or overwrite many entries; the caller's transaction makes it all or nothing."""
+        record = self._load_dict(txn, object_id)
+        now_ms = self.now_ms()
+        for match_key, stored_key, value in entries:
+            self._put(txn, record.data_id, match_key, stored_key, value, False, now_ms)
+
+    def pop(self, txn: lmdb.Transaction, object_id: bytes, match_key: bytes) -> bytes:
+        """Remove an entry and return its value; ``EntryNotFound`` when missing."""
+        record = self._load_dict(txn, object_id)
+        found = self._find(txn, record.data_id, match_key, remove_expired=True)
+        if found is None:
+            raise EntryNotFound
+        seq, value, access_ms = found
+        self._remove(txn, record.data_id, key_ref(match_key), seq, access_ms)
+        return value
+
+    def clear(self, txn: lmdb.Transaction, object_id: bytes) -> None:
+        """Remove every entry at once by giving the dict a fresh data id."""
+        record = self._load_dict(txn, object_id)
+        self._discard_data(txn, record.data_id)
+        fresh = DictRecord(
+            object_id=record.object_id,
+            name=record.name,
+            environment_name=record.environment_name,
+            created_at=record.created_at,
+            created_by=record.created_by,
+            data_id=self._new_id(txn, self._stats),
+            owner_pid=record.owner_pid,
+        )
+        txn.put(object_id, fresh.pack(), db=self._dicts)
+        txn.put(fresh.data_id, _STATS.pack(0, 1), db=self._stats)
+
+    def touch(self, txn: lmdb.Transaction, touch: Touch) -> None:
+        """Record the activity of a read on an entry, if the entry still exists."""
+        index_value = txn.get(touch.index_key, db=self._index)
+        if index_value is None or _U64.unpack_from(index_value)[0] != touch.seq:
+            return
+        data_id = touch.index_key[:8]
+        seq = touch.seq
+        order_key = data_id + _U64.pack(seq)
+        access_ms, ref, stored_key = _unpack_order(txn.get(order_key, db=self._order))
+        if self._expired(access_ms, self.now_ms()):
+            return  # too late: the entry is invisible already and must stay so
+        self._set_access(txn, data_id, seq, access_ms, ref, stored_key, self.now_ms())
+
+    # Entries: internals.
+
+    def _find(
+        self,
+        txn: lmdb.Transaction,
+        data_id: bytes,
+        match_key: bytes,
+        remove_expired: bool = False,
+    ) -> tuple[int, bytes, int] | None:
+        """Return (seq, value, last access) of a live entry, or None.
+
+        An expired entry found by a write is removed on the spot, so the write sees the
+        key as absent.
+        """
+        ref = key_ref(match_key)
+        index_value = txn.get(data_id + ref, db=self._index)
+        if index_value is None:
+            return None
+        seq = _U64.unpack_from(index_value)[0]
+        access_ms = _U64.unpack_from(txn.get(data_id + _U64.pack(seq), db=self._order))[0]
+        if self._expired(access_ms, self.now_ms()):
+            if remove_expired:
+                self._remove(txn, data_id, ref, seq, access_ms)
+            return None
+        return seq, index_value[8:], access_ms
+
+    def _put(
+        self,
+        txn: lmdb.Transaction,
+        data_id: bytes,
+        match_key: bytes,
+        stored_key: bytes | None,
+        value: bytes,
+        skip_if_exists: bool,
+        now_ms: int,
+    ) -> bool:
+        ref = key_ref(match_key)
+        found = self._find(txn, data_id, match_key, remove_expired=True)
+
+        if found is not None:
+            seq, _, access_ms = found
+            if skip_if_exists:
+                # Finding the key is activity too.
+                if self._access_is_stale(access_ms, now_ms):
+                    order_value = txn.get(data_id + _U64.pack(seq), db=self._order)
+                    _, _, kept_key = _unpack_order(order_value)
+                    self._set_access(txn, data_id, seq, access_ms, ref, kept_key, now_ms)
+                return False
+            # Overwriting keeps the position and the first key object, as a dict does.
+            txn.put(data_id + ref, _U64.pack(seq) + value, db=self._index)
+            _, _, kept_key = _unpack_order(txn.get(data_id + _U64.pack(seq), db=self._order))
+            self._set_access(txn, data_id, seq, access_ms, ref, kept_key, now_ms)
+            return True
+
+        count, next_seq = _STATS.unpack(txn.get(data_id, db=self._stats))
+        seq = next_seq
+        txn.put(data_id, _STATS.pack(count + 1, next_seq + 1), db=self._stats)
+        txn.put(data_id + ref, _U64.pack(seq) + value, db=self._index)
+        if stored_key is None and ref[:1] == _HASHED:
+            stored_key = match_key
+        txn.put(data_id + _U64.pack(seq), _pack_order(now_ms, ref, stored_key), db=self._order)
+        txn.put(data_id + _U64.pack(now_ms) + _U64.pack(seq), b"", db=self._access)
+        return True
+
+    def _remove(self, txn: lmdb.Transaction, data_id: bytes, ref: bytes, seq: int, access_ms: int) -> None:
+        txn.delete(data_id + ref, db=self._index)
+        txn.delete(data_id + _U64.pack(seq), db=self._order)
+        txn.delete(data_id + _U64.pack(access_ms) + _U64.pack(seq), db=self._access)
+        count, next_seq = _STATS.unpack(txn.get(data_id, db=self._stats))
+        txn.put(data_id, _STATS.pack(count - 1, next_seq), db=self._stats)
+
+    def _set_access(
+        self,
+        txn: lmdb.Transaction,
+        data_id: bytes,
+        seq: int,
+        old_access_ms: int,
+        ref: bytes,
+        stored_key: bytes | None,
+        now_ms: int,
+    ) -> None:
+        # A wall clock that jumped backwards must not make the entry look older.
+        new_access_ms = max(now_ms, old_access_ms)
+        if new_access_ms == old_access_ms:
+            return
+        seq_bytes = _U64.pack(seq)
+        txn.delete(data_id + _U64.pack(old_access_ms) + seq_bytes, db=self._access)
+        txn.put(data_id + _U64.pack(new_access_ms) + seq_bytes, b"", db=self._access)
+        if ref[1:] == stored_key:
+            stored_key = None
+        txn.put(data_id + seq_bytes, _pack_order(new_access_ms, ref, stored_key), db=self._order)
+
+    def _due_touch(self, data_id: bytes, match_key: bytes, seq: int, access_ms: int) -> Touch | None:
+        if not self._access_is_stale(access_ms):
+            return None
+        return Touch(data_id + key_ref(match_key), seq)
+
+    def _access_is_stale(self, access_ms: int, now_ms: int | None = None) -> bool:
+        """Whether a read should record its access: at most once per 1% of expire_after."""
+        if self.expire_after <= 0:
+            return False
+        now_ms = self.now_ms() if now_ms is None else now_ms
+        return now_ms - access_ms >= self.expire_after * 10  # 1% of expire_after, in ms
+
+    def _count_expired(self, txn: lmdb.Transaction, data_id: bytes) -> int:
+        if self.expire_after <= 0:
+            return 0
+        cutoff = data_id + _U64.pack(max(0, self.now_ms() - int(self.expire_after * 1000) + 1))
+        expired = 0
+        with txn.cursor(db=self._access) as cursor:
+            if not cursor.set_range(data_id):
+                return 0
+            for access_key in cursor.iternext(values=False):
+                if access_key >= cutoff or not access_key.startswith(data_id):
+                    break
+                expired += 1
+        return expired
+
+    # Counters.
+
+    def next_counter(self, txn: lmdb.Transaction, name: bytes) -> int:
+        """Increment and return a durable counter, such as the fencing token of a lock."""
+        raw = txn.get(b"counter:" + name, db=self._meta)
+        value = (_U64.unpack(raw)[0] if raw else 0) + 1
+        txn.put(b"counter:" + name, _U64.pack(value), db=self._meta)
+        return value
+
+
+def _name_key(environment_name: str, name: str) -> bytes:
+    return environment_name.encode() + b"\x00" + name.encode()
+
+
+def _pack_order(access_ms: int, ref: bytes, stored_key: bytes | None) -> bytes:
+    if stored_key is None:
+        return _ORDER_HEAD.pack(access_ms, 0, len(ref)) + ref
+    return _ORDER_HEAD.pack(access_ms, _FLAG_STORED_KEY, len(ref)) + ref + stored_key
+
+
+def _unpack_order(order_value: bytes) -> tuple[int, bytes, bytes]:
+    """Return (last access, key ref, stored key) of an ``order`` record."""
+    access_ms, flags, ref_length = _ORDER_HEAD.unpack_from(order_value)
+    start = _ORDER_HEAD.size
+    ref = order_value[start : start + ref_length]
+    if flags & _FLAG_STORED_KEY:
+        return access_ms, ref, order_value[start + ref_length :]
+    return access_ms, ref, ref[1:]

@@ -1,0 +1,197 @@
+"""The writer thread: every write transaction of a store, with group commit.
+
+Writes arrive from any number of threads as functions of a transaction. The writer takes
+everything queued, applies it in one transaction and commits it with one fsync; writes
+that arrive meanwhile wait for the next transaction and share its fsync. A write's
+callback runs only after its transaction is durable, so a caller acknowledges nothing
+that a crash could lose.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import lmdb
+
+from sharedict.engine.errors import EngineError, StorageFull
+from sharedict.engine.store import Store
+
+logger = logging.getLogger(__name__)
+
+WriteFunction = Callable[[lmdb.Transaction], Any]
+Callback = Callable[[Any, BaseException | None], None]
+
+# A batch stops growing at this many writes or bytes, so one fsync never waits on an
+# unbounded transaction.
+MAX_BATCH_WRITES = 20_000
+MAX_BATCH_BYTES = 512 << 20
+
+
+class _Write:
+    __slots__ = ("function", "callback", "size")
+
+    def __init__(self, function: WriteFunction, callback: Callback | None, size: int) -> None:
+        self.function = function
+        self.callback = callback
+        self.size = size
+
+
+class GroupCommitWriter:
+    """Owns the write transactions of a ``Store`` and commits queued writes together.
+
+    Thread-safe: ``submit`` may be called from any thread. Callbacks run on the writer
+    thread and must not block.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._queue: deque[_Write] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="sharedict-writer", daemon=True)
+        self.commits = 0
+        self.writes = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, function: WriteFunction, callback: Callback | None = None, size: int = 0) -> None:
+        """Queue ``function(txn)``; ``callback(result, error)`` runs once it is durable.
+
+        ``size`` is the number of bytes the write stores, used to grow the map in time.
+        Without a callback the write is fire-and-forget, as for recording accesses.
+        """
+        with self._cond:
+            if self._stopping:
+                raise EngineError("the store is shutting down; retry after it restarts")
+            self._queue.append(_Write(function, callback, size))
+            self._cond.notify()
+
+    def call(self, function: WriteFunction, size: int = 0) -> Any:
+        """Run ``function(txn)`` in the next commit and return its result once durable."""
+        done = threading.Event()
+        outcome: list[Any] = []
+
+        def finish(result: Any, error: BaseException | None) -> None:
+            outcome[:] = [result, error]
+            done.set()
+
+        self.submit(function, finish, size)
+        done.wait()
+        result, error = outcome
+        if error is not None:
+            raise error
+        return result
+
+    def stop(self) -> None:
+        """Commit everything queued, then stop the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue and self._stopping:
+                    return
+                batch = self._take_batch()
+            self._commit(batch)
+
+    def _take_batch(self) -> list[_Write]:
+        batch = []
+        size = 0
+        while self._queue and len(batch) < MAX_BATCH_WRITES and size < MAX_BATCH_BYTES:
+            write = self._queue.popleft()
+            batch.append(write)
+            size += write.size
+        return batch
+
+    def _commit(self, batch: list[_Write]) -> None:
+        try:
+            self.store.ensure_room(sum(write.size for write in batch))
+        except StorageFull as exc:
+            logger.warning("%s", exc)
+
+        results = self._apply_together(batch)
+        if results is None:
+            # One write failed in a way that spoils the transaction: apply each alone, so
+            # that only the faulty one fails.
+            results = [self._apply_alone(write) for write in batch]
+
+        self.commits += 1
+        self.writes += len(batch)
+        for write, (result, error) in zip(batch, results):
+            if write.callback is not None:
+                try:
+                    write.callback(result, error)
+                except Exception:
+                    logger.exception("write callback failed")
+
+    def _apply_together(self, batch: list[_Write]) -> list[tuple[Any, BaseException | None]] | None:
+        """Apply a batch in one transaction; None when it must be split."""
+        for attempt in range(2):
+            txn = self.store.begin_write()
+            results: list[tuple[Any, BaseException | None]] = []
+            try:
+                for write in batch:
+                    try:
+                        results.append((write.function(txn), None))
+                    except EngineError as exc:
+                        # Engine errors are raised before a write changes anything.
+                        results.append((None, exc))
+                txn.commit()
+                return results
+            except lmdb.MapFullError:
+                txn.abort()
+                if attempt == 0:
+                    self._grow()
+                    continue
+                return None
+            except Exception:
+                txn.abort()
+                if len(batch) == 1:
+                    return None
+                logger.exception("a batch of %d writes failed; applying them one by one", len(batch))
+                return None
+        return None
+
+    def _apply_alone(self, write: _Write) -> tuple[Any, BaseException | None]:
+        for attempt in range(2):
+            txn = self.store.begin_write()
+            try:
+                result = write.function(txn)
+                txn.commit()
+                return result, None
+            except lmdb.MapFullError as exc:
+                txn.abort()
+                if attempt == 0 and self._grow():
+                    continue
+                return None, StorageFull(f"the store is full: {exc}")
+            except EngineError as exc:
+                txn.abort()
+                return None, exc
+            except lmdb.Error as exc:
+                txn.abort()
+                logger.error("write failed: %s", exc)
+                return None, StorageFull(f"the write failed in LMDB ({exc}); check free disk space in the data directory")
+            except Exception as exc:
+                txn.abort()
+                logger.exception("write failed")
+                return None, exc
+        return None, StorageFull("the store is full and its map cannot grow")
+
+    def _grow(self) -> bool:
+        try:
+            self.store.grow_map()
+            return True
+        except StorageFull as exc:
+            logger.warning("%s", exc)
+            return False
