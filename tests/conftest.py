@@ -146,10 +146,8 @@ def daemon_args() -> list[str]:
     return []
 
 
-@pytest.fixture
-def daemon(tmp_path: Path, daemon_args: list[str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
-    """A running daemon, also set as the default of this process and of its children."""
-    handle = Daemon(tmp_path, daemon_args)
+def _serve(root: Path, daemon_args: list[str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
+    handle = Daemon(root, daemon_args)
     for name, value in handle.env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(Client, "_default", None)
@@ -161,6 +159,23 @@ def daemon(tmp_path: Path, daemon_args: list[str], monkeypatch: pytest.MonkeyPat
         if default is not None:
             default.close()
         handle.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, daemon_args: list[str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
+    """A running daemon, also set as the default of this process and of its children."""
+    yield from _serve(tmp_path, daemon_args, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon for all tests of a module, which saves a daemon start per test.
+
+    A module opts in by overriding ``daemon`` with it; its tests must then use dicts of
+    their own, for example under unique names.
+    """
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield from _serve(tmp_path_factory.mktemp("daemon"), [], monkeypatch)
 
 
 @pytest.fixture

@@ -9,7 +9,9 @@ Because ``1.0`` and ``True`` must come back from ``keys()`` as the objects first
 a key whose exact types differ from its canonical form also gets a *stored key*, an
 encoding that keeps the types; for plain strings, ints and bytes the two are the same
 and only the match key travels. Keys of any other hashable type are pickled, and match
-by their pickled bytes.
+by their pickled bytes. Inside a tuple or frozenset each such item is pickled on its
+own, so that pickle's memo of shared objects never spans two items, and a frozenset of
+such items is sorted by their bytes, whatever the hash seed.
 """
 
 from __future__ import annotations
@@ -45,42 +47,47 @@ _CANONICAL_NAN = _DOUBLE.pack(math.nan)
 _PLAIN_VALUE_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
 
 
-class _NotCanonical(Exception):
-    pass
-
-
 def _int_bytes(number: int) -> bytes:
     return TAG_INT + number.to_bytes((number.bit_length() + 8) // 8, "big", signed=True)
 
 
-def _encode(key: Any, exact: bool) -> bytes:
-    """Encode a key of the canonical types; ``exact`` keeps bool and float apart from int."""
+def _join(tag: bytes, parts: list[bytes]) -> bytes:
+    return tag + _LENGTH.pack(len(parts)) + b"".join(_LENGTH.pack(len(part)) + part for part in parts)
+
+
+def _encode(key: Any) -> tuple[bytes, bytes]:
+    """Return the match encoding of a key, and its exact encoding that keeps bool and float apart from int."""
     kind = type(key)
     if kind is str:
-        return TAG_STR + key.encode("utf-8", "surrogatepass")
+        encoded = TAG_STR + key.encode("utf-8", "surrogatepass")
+        return encoded, encoded
     if kind is int:
-        return _int_bytes(key)
+        encoded = _int_bytes(key)
+        return encoded, encoded
     if kind is bytes:
-        return TAG_BYTES + key
+        encoded = TAG_BYTES + key
+        return encoded, encoded
     if kind is bool:
-        if exact:
-            return TAG_TRUE if key else TAG_FALSE
-        return _int_bytes(int(key))
+        return _int_bytes(int(key)), TAG_TRUE if key else TAG_FALSE
     if kind is float:
         if math.isnan(key):
-            return TAG_FLOAT + _CANONICAL_NAN
-        if not exact and key.is_integer():
-            return _int_bytes(int(key))  # also maps -0.0 to 0
-        return TAG_FLOAT + _DOUBLE.pack(key)
+            encoded = TAG_FLOAT + _CANONICAL_NAN
+            return encoded, encoded
+        exact = TAG_FLOAT + _DOUBLE.pack(key)
+        if key.is_integer():
+            return _int_bytes(int(key)), exact  # also maps -0.0 to 0
+        return exact, exact
     if key is None:
-        return TAG_NONE
-    if kind is tuple:
-        parts = [_encode(item, exact) for item in key]
-        return TAG_TUPLE + _LENGTH.pack(len(parts)) + b"".join(_LENGTH.pack(len(part)) + part for part in parts)
-    if kind is frozenset:
-        parts = sorted(_encode(item, exact) for item in key)
-        return TAG_FROZENSET + _LENGTH.pack(len(parts)) + b"".join(_LENGTH.pack(len(part)) + part for part in parts)
-    raise _NotCanonical
+        return TAG_NONE, TAG_NONE
+    if kind is tuple or kind is frozenset:
+        pairs = [_encode(item) for item in key]
+        match_parts = [match for match, _ in pairs]
+        exact_parts = [exact for _, exact in pairs]
+        if kind is tuple:
+            return _join(TAG_TUPLE, match_parts), _join(TAG_TUPLE, exact_parts)
+        return _join(TAG_FROZENSET, sorted(match_parts)), _join(TAG_FROZENSET, sorted(exact_parts))
+    pickled = TAG_PICKLE + cloudpickle.dumps(key, protocol=PICKLE_PROTOCOL)
+    return pickled, pickled
 
 
 def encode_key(key: Any) -> tuple[bytes, bytes | None]:
@@ -92,12 +99,7 @@ def encode_key(key: Any) -> tuple[bytes, bytes | None]:
     if type(key) is str:  # the common case, first
         return TAG_STR + key.encode("utf-8", "surrogatepass"), None
     hash(key)
-    try:
-        match_key = _encode(key, exact=False)
-    except _NotCanonical:
-        pickled = TAG_PICKLE + cloudpickle.dumps(key, protocol=PICKLE_PROTOCOL)
-        return pickled, None
-    stored_key = _encode(key, exact=True)
+    match_key, stored_key = _encode(key)
     return match_key, None if stored_key == match_key else stored_key
 
 
