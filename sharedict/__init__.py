@@ -14,11 +14,13 @@ from sharedict.api import (  # noqa: E402 - the version must exist before the da
     Error,
     InternalError,
     InvalidError,
+    Lock,
     LockNotOwnedError,
     LockTimeoutError,
     NotFoundError,
     ProtocolError,
     RequestSizeError,
+    SerializationError,
     StorageFullError,
 )
 
@@ -34,11 +36,13 @@ __all__ = [
     "Error",
     "InternalError",
     "InvalidError",
+    "Lock",
     "LockNotOwnedError",
     "LockTimeoutError",
     "NotFoundError",
     "ProtocolError",
     "RequestSizeError",
+    "SerializationError",
     "StorageFullError",
     "__version__",
 ]

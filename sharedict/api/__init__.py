@@ -1,4 +1,4 @@
-"""The user's side of sharedict: ``Dict``, its errors, and the transport to the daemon."""
+"""The user's side of sharedict: ``Dict``, ``Lock``, their errors, and the transport to the daemon."""
 
 from sharedict.api.dict import Dict, DictInfo
 from sharedict.api.errors import (
@@ -15,8 +15,10 @@ from sharedict.api.errors import (
     NotFoundError,
     ProtocolError,
     RequestSizeError,
+    SerializationError,
     StorageFullError,
 )
+from sharedict.api.lock import Lock
 from sharedict.api.manager import DictManager
 from sharedict.api.transport import Client
 
@@ -33,10 +35,12 @@ __all__ = [
     "Error",
     "InternalError",
     "InvalidError",
+    "Lock",
     "LockNotOwnedError",
     "LockTimeoutError",
     "NotFoundError",
     "ProtocolError",
     "RequestSizeError",
+    "SerializationError",
     "StorageFullError",
 ]

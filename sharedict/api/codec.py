@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from sharedict.api import protocol
-from sharedict.api.errors import DeserializationError, InvalidError, RequestSizeError
+from sharedict.api.errors import DeserializationError, Error, InvalidError, RequestSizeError, SerializationError
 from sharedict.api.serialization import decode_key, dump_value, encode_key, load_value
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -36,7 +36,8 @@ def check_environment(environment_name: str | None) -> str:
 
 
 def _mib(size: int) -> str:
-    return f"{size / protocol.MiB:.1f} MiB"
+    # The byte count shows the excess that rounding to MiB hides, as in "100.0 MiB".
+    return f"{size / protocol.MiB:.1f} MiB ({size} bytes)"
 
 
 def _short_repr(obj: Any, limit: int = 80) -> str:
@@ -45,7 +46,7 @@ def _short_repr(obj: Any, limit: int = 80) -> str:
 
 
 def encode_request_key(key: Any, dict_label: str) -> tuple[bytes, bytes | None]:
-    """Encode a key for a request, raising ``TypeError`` or ``RequestSizeError`` when it cannot be one."""
+    """Encode a key for a request; raises ``TypeError``, ``SerializationError`` or ``RequestSizeError``."""
     if type(key) is not str:
         try:
             hash(key)
@@ -54,7 +55,15 @@ def encode_request_key(key: Any, dict_label: str) -> tuple[bytes, bytes | None]:
                 f"unhashable key of type {type(key).__name__} for {dict_label}: keys must be hashable, "
                 "as in a Python dict; use a tuple instead of a list, or a frozenset instead of a set"
             ) from exc
-    match_key, stored_key = encode_key(key)
+    try:
+        match_key, stored_key = encode_key(key)
+    except Error:
+        raise  # a Dict handle inside the key that could not be looked up
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot pickle a key of type {type(key).__name__} for {dict_label}: {type(exc).__name__}: {exc}; "
+            "use a key of plain types such as str, int or a tuple of those"
+        ) from exc
     size = max(len(match_key), len(stored_key or b""))
     if size > protocol.MAX_OBJECT_SIZE:
         raise RequestSizeError(
@@ -65,8 +74,17 @@ def encode_request_key(key: Any, dict_label: str) -> tuple[bytes, bytes | None]:
 
 
 def encode_request_value(key: Any, value: Any, dict_label: str) -> bytes:
-    """Pickle a value for a request, raising ``RequestSizeError`` when it is too large."""
-    data = dump_value(value)
+    """Pickle a value for a request, raising ``SerializationError`` or ``RequestSizeError``."""
+    try:
+        data = dump_value(value)
+    except Error:
+        raise  # a Dict handle inside the value that could not be looked up
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot pickle the value of type {type(value).__name__} for key {_short_repr(key)} in {dict_label}: "
+            f"{type(exc).__name__}: {exc}; store objects that cloudpickle can pickle, such as the plain data "
+            "this object contains"
+        ) from exc
     if len(data) > protocol.MAX_OBJECT_SIZE:
         raise RequestSizeError(
             f"value of {_mib(len(data))} for key {_short_repr(key)} exceeds the "
@@ -118,7 +136,7 @@ def decode_value(data: bytes, key: Any, dict_label: str) -> Any:
 
 def _cause(exc: Exception) -> str:
     if isinstance(exc, ModuleNotFoundError):
-        return f"module {exc.name!r} is not installed here; install it in the process that reads the value"
+        return f"module {exc.name!r} cannot be imported in this process; install it, or add its directory to sys.path"
     if isinstance(exc, AttributeError):
         return (
             f"{exc}; the class or function that the value refers to is missing here, so run the same "

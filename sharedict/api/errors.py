@@ -27,6 +27,10 @@ class RequestSizeError(Error):
     """A key, a value or a whole request exceeds sharedict's size limits."""
 
 
+class SerializationError(Error):
+    """A key or value could not be pickled, so nothing was sent or stored."""
+
+
 class DeserializationError(Error):
     """A stored key or value could not be unpickled in this process."""
 
