@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,8 +44,8 @@ def _seconds(environ: Mapping[str, str], variable: str, default: float) -> float
         seconds = float(raw)
     except ValueError:
         raise InvalidError(f"{variable}={raw!r} is not a number of seconds; set it to a number such as 3600") from None
-    if seconds < 0 or seconds != seconds:
-        raise InvalidError(f"{variable}={raw!r} must be zero or a positive number of seconds")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidError(f"{variable}={raw!r} is invalid; set it to zero or a finite positive number of seconds")
     return seconds
 
 

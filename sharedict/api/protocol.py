@@ -112,6 +112,7 @@ class FrameReader:
         self._buffer += data
 
     def frames(self) -> Iterator[bytes]:
+        """Yield each complete frame body once; a caller may stop iterating at any frame."""
         buffer = self._buffer
         start = 0
         try:
@@ -122,8 +123,11 @@ class FrameReader:
                 end = start + HEADER.size + size
                 if len(buffer) < end:
                     break
-                yield bytes(buffer[start + HEADER.size : end])
+                body = bytes(buffer[start + HEADER.size : end])
+                # Consume the frame before yielding it: a caller that returns from its
+                # loop at this frame must not find it again in the next call.
                 start = end
+                yield body
         finally:
             del buffer[:start]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import selectors
 import shutil
@@ -39,9 +40,13 @@ class Server:
     """The daemon's state: the store, its writer and sweeper, and the open connections."""
 
     def __init__(self, settings: Settings) -> None:
-        if settings.sweep_interval <= 0:
+        if not math.isfinite(settings.sweep_interval) or settings.sweep_interval <= 0:
             raise security.SetupError(
-                f"sweep interval {settings.sweep_interval} s is invalid; give a positive number of seconds"
+                f"sweep interval {settings.sweep_interval} s is invalid; give a finite positive number of seconds"
+            )
+        if not math.isfinite(settings.expire_after) or settings.expire_after < 0:
+            raise security.SetupError(
+                f"expire_after {settings.expire_after} s is invalid; give 0 (no expiry) or a finite number of seconds"
             )
         self.settings = settings
         self.started_at = time.time()

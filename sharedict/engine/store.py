@@ -18,8 +18,8 @@ leave the old entries to the background sweeper, so that both are O(1) and atomi
 The *key ref* of an entry is the client's canonical key bytes when they fit into an LMDB
 key, and their SHA-256 digest otherwise, so that keys of any size work. The *sequence
 number* orders entries by insertion: overwriting keeps it, deleting and inserting again
-takes a new one. Times are wall-clock milliseconds, because expiry must hold across
-restarts of the daemon.
+takes a new one. Times are wall-clock milliseconds; ``expiry.py`` states when an entry
+expires and when a read records its access.
 
 Every method that takes a ``txn`` runs inside it and commits nothing. Write transactions
 belong to the writer thread (see ``writer.py``); readers use ``Store.reader()``.
@@ -42,6 +42,7 @@ import lmdb
 import msgpack
 
 from sharedict.engine.errors import DictExists, DictNotFound, EngineError, EntryNotFound, StorageFull
+from sharedict.engine.expiry import ExpiryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class Touch:
 
     index_key: bytes
     seq: int
+    read_ms: int
 
 
 def key_ref(match_key: bytes) -> bytes:
@@ -158,6 +160,9 @@ class Store:
             expiry.
         clock: wall-clock time in seconds, injectable for tests.
         map_size: initial size of the memory map in bytes; it grows as needed.
+
+    Raises:
+        ValueError: if ``expire_after`` is negative, infinite or NaN.
     """
 
     def __init__(
@@ -169,7 +174,8 @@ class Store:
         map_size: int = INITIAL_MAP_SIZE,
     ) -> None:
         self.data_dir = os.fspath(data_dir)
-        self.expire_after = float(expire_after)
+        self.expiry = ExpiryPolicy(expire_after, clock)
+        self.expire_after = self.expiry.expire_after
         self._clock = clock
         self._gate = _ResizeGate()
 
@@ -252,12 +258,6 @@ class Store:
             except lmdb.Error as exc:
                 raise StorageFull(f"cannot grow the map of {self.data_dir} to {new_size} bytes: {exc}") from exc
         logger.warning("map grown from %d MiB to %d MiB", old_size >> 20, new_size >> 20)
-
-    def now_ms(self) -> int:
-        return int(self._clock() * 1000)
-
-    def _expired(self, access_ms: int, now_ms: int) -> bool:
-        return self.expire_after > 0 and now_ms - access_ms >= self.expire_after * 1000
 
     # Dicts.
 
@@ -343,7 +343,7 @@ class Store:
         return txn.stat(self._dicts)["entries"]
 
     def count_entries(self, txn: lmdb.Transaction) -> int:
-        """Return the entries of all dicts, counting expired ones not yet swept."""
+        """Return the entries of all dicts, counting expired ones that are not swept yet."""
         return sum(_STATS.unpack(raw)[0] for raw in txn.cursor(db=self._stats).iternext(keys=False))
 
     def _load_dict(self, txn: lmdb.Transaction, object_id: bytes) -> DictRecord:
@@ -372,30 +372,35 @@ class Store:
         Raises ``EntryNotFound`` when the key is missing or its entry has expired.
         """
         record = self._load_dict(txn, object_id)
-        found = self._find(txn, record.data_id, match_key)
+        now_ms = self.expiry.now_ms()
+        found = self._find(txn, record.data_id, match_key, now_ms)
         if found is None:
             raise EntryNotFound
         seq, value, access_ms = found
-        return value, self._due_touch(record.data_id, match_key, seq, access_ms)
+        return value, self._due_touch(record.data_id, match_key, seq, access_ms, now_ms)
 
     def contains(self, txn: lmdb.Transaction, object_id: bytes, match_key: bytes) -> tuple[bool, Touch | None]:
         """Return whether the key is present, and the access to record for it, if one is due."""
         record = self._load_dict(txn, object_id)
-        found = self._find(txn, record.data_id, match_key)
+        now_ms = self.expiry.now_ms()
+        found = self._find(txn, record.data_id, match_key, now_ms)
         if found is None:
             return False, None
         seq, _, access_ms = found
-        return True, self._due_touch(record.data_id, match_key, seq, access_ms)
+        return True, self._due_touch(record.data_id, match_key, seq, access_ms, now_ms)
 
     def length(self, txn: lmdb.Transaction, object_id: bytes) -> int:
         """Return the exact number of live entries.
 
-        The count is kept with the dict; only entries expired but not yet swept are
-        counted here, by a range read of the last-access index.
+        The count of all entries is kept with the dict. Entries that have expired but are
+        not swept yet are subtracted by a range read of the last-access index, which costs
+        at most twice the smaller of the expired and the live entries.
         """
         record = self._load_dict(txn, object_id)
         count, _ = _STATS.unpack(txn.get(record.data_id, db=self._stats))
-        return count - self._count_expired(txn, record.data_id)
+        if not self.expiry.enabled:
+            return count
+        return self._count_live(txn, record.data_id, count, self.expiry.cutoff_ms(self.expiry.now_ms()))
 
     def scan(
         self,
@@ -415,7 +420,7 @@ class Store:
         """
         record = self._load_dict(txn, object_id)
         data_id = record.data_id
-        now_ms = self.now_ms()
+        now_ms = self.expiry.now_ms()
         entries: list[Entry] = []
         touched: list[Touch] = []
         size = 0
@@ -431,7 +436,7 @@ class Store:
 
                 seq = _U64.unpack_from(order_key, 8)[0]
                 access_ms, ref, stored_key = _unpack_order(order_value)
-                if self._expired(access_ms, now_ms):
+                if self.expiry.is_expired(access_ms, now_ms):
                     continue
 
                 value = None
@@ -439,8 +444,8 @@ class Store:
                     index_value = txn.get(data_id + ref, db=self._index)
                     value = index_value[8:]
                     size += len(value)
-                    if self._access_is_stale(access_ms, now_ms):
-                        touched.append(Touch(data_id + ref, seq))
+                    if self.expiry.is_recording_due(access_ms, now_ms):
+                        touched.append(Touch(data_id + ref, seq, now_ms))
                 key = stored_key if keys else None
                 size += len(stored_key) if keys else 0
                 entries.append(Entry(seq, key, value))
@@ -460,7 +465,7 @@ class Store:
     ) -> bool:
         """Insert or overwrite an entry; return False if ``skip_if_exists`` found the key."""
         record = self._load_dict(txn, object_id)
-        return self._put(txn, record.data_id, match_key, stored_key, value, skip_if_exists, self.now_ms())
+        return self._put(txn, record.data_id, match_key, stored_key, value, skip_if_exists, self.expiry.now_ms())
 
     def update(
         self,
@@ -470,14 +475,14 @@ class Store:
     ) -> None:
         """Insert or overwrite many entries; the caller's transaction makes it all or nothing."""
         record = self._load_dict(txn, object_id)
-        now_ms = self.now_ms()
+        now_ms = self.expiry.now_ms()
         for match_key, stored_key, value in entries:
             self._put(txn, record.data_id, match_key, stored_key, value, False, now_ms)
 
     def pop(self, txn: lmdb.Transaction, object_id: bytes, match_key: bytes) -> bytes:
         """Remove an entry and return its value; ``EntryNotFound`` when missing."""
         record = self._load_dict(txn, object_id)
-        found = self._find(txn, record.data_id, match_key, remove_expired=True)
+        found = self._find(txn, record.data_id, match_key, self.expiry.now_ms(), remove_expired=True)
         if found is None:
             raise EntryNotFound
         seq, value, access_ms = found
@@ -501,17 +506,24 @@ class Store:
         txn.put(fresh.data_id, _STATS.pack(0, 1), db=self._stats)
 
     def touch(self, txn: lmdb.Transaction, touch: Touch) -> None:
-        """Record the activity of a read on an entry, if the entry still exists."""
+        """Record the access of a read, unless its entry was removed or replaced since.
+
+        The read saw the entry live at ``touch.read_ms``, so that time is recorded even if
+        the entry expired while the touch waited for the writer: otherwise a read just
+        before the deadline would not extend the entry's life. A write or a sweep that
+        came first has removed the entry, and then nothing is recorded.
+        """
         index_value = txn.get(touch.index_key, db=self._index)
         if index_value is None or _U64.unpack_from(index_value)[0] != touch.seq:
             return
         data_id = touch.index_key[:8]
-        seq = touch.seq
-        order_key = data_id + _U64.pack(seq)
-        access_ms, ref, stored_key = _unpack_order(txn.get(order_key, db=self._order))
-        if self._expired(access_ms, self.now_ms()):
-            return  # too late: the entry is invisible already and must stay so
-        self._set_access(txn, data_id, seq, access_ms, ref, stored_key, self.now_ms())
+        access_ms, ref, stored_key = _unpack_order(txn.get(data_id + _U64.pack(touch.seq), db=self._order))
+
+        # Reads that came before the first of their touches was applied each queued one;
+        # only the first of them within a granularity is recorded.
+        if not self.expiry.is_recording_due(access_ms, touch.read_ms):
+            return
+        self._set_access(txn, data_id, touch.seq, access_ms, ref, stored_key, touch.read_ms)
 
     # Entries: internals.
 
@@ -520,6 +532,7 @@ class Store:
         txn: lmdb.Transaction,
         data_id: bytes,
         match_key: bytes,
+        now_ms: int,
         remove_expired: bool = False,
     ) -> tuple[int, bytes, int] | None:
         """Return (seq, value, last access) of a live entry, or None.
@@ -533,7 +546,7 @@ class Store:
             return None
         seq = _U64.unpack_from(index_value)[0]
         access_ms = _U64.unpack_from(txn.get(data_id + _U64.pack(seq), db=self._order))[0]
-        if self._expired(access_ms, self.now_ms()):
+        if self.expiry.is_expired(access_ms, now_ms):
             if remove_expired:
                 self._remove(txn, data_id, ref, seq, access_ms)
             return None
@@ -550,13 +563,13 @@ class Store:
         now_ms: int,
     ) -> bool:
         ref = key_ref(match_key)
-        found = self._find(txn, data_id, match_key, remove_expired=True)
+        found = self._find(txn, data_id, match_key, now_ms, remove_expired=True)
 
         if found is not None:
             seq, _, access_ms = found
             if skip_if_exists:
-                # Finding the key is activity too.
-                if self._access_is_stale(access_ms, now_ms):
+                # Finding the key is activity too, recorded as a read's would be.
+                if self.expiry.is_recording_due(access_ms, now_ms):
                     order_value = txn.get(data_id + _U64.pack(seq), db=self._order)
                     _, _, kept_key = _unpack_order(order_value)
                     self._set_access(txn, data_id, seq, access_ms, ref, kept_key, now_ms)
@@ -605,31 +618,90 @@ class Store:
             stored_key = None
         txn.put(data_id + seq_bytes, _pack_order(new_access_ms, ref, stored_key), db=self._order)
 
-    def _due_touch(self, data_id: bytes, match_key: bytes, seq: int, access_ms: int) -> Touch | None:
-        if not self._access_is_stale(access_ms):
+    def _due_touch(self, data_id: bytes, match_key: bytes, seq: int, access_ms: int, now_ms: int) -> Touch | None:
+        if not self.expiry.is_recording_due(access_ms, now_ms):
             return None
-        return Touch(data_id + key_ref(match_key), seq)
+        return Touch(data_id + key_ref(match_key), seq, now_ms)
 
-    def _access_is_stale(self, access_ms: int, now_ms: int | None = None) -> bool:
-        """Whether a read should record its access: at most once per 1% of expire_after."""
-        if self.expire_after <= 0:
-            return False
-        now_ms = self.now_ms() if now_ms is None else now_ms
-        return now_ms - access_ms >= self.expire_after * 10  # 1% of expire_after, in ms
+    def _count_live(self, txn: lmdb.Transaction, data_id: bytes, count: int, cutoff_ms: int) -> int:
+        """Count the entries of a dict whose last access is at or after ``cutoff_ms``.
 
-    def _count_expired(self, txn: lmdb.Transaction, data_id: bytes) -> int:
-        if self.expire_after <= 0:
-            return 0
-        cutoff = data_id + _U64.pack(max(0, self.now_ms() - int(self.expire_after * 1000) + 1))
-        expired = 0
-        with txn.cursor(db=self._access) as cursor:
-            if not cursor.set_range(data_id):
-                return 0
-            for access_key in cursor.iternext(values=False):
-                if access_key >= cutoff or not access_key.startswith(data_id):
-                    break
+        In the last-access index the expired entries of a dict come first and the live
+        ones last. Two cursors walk in from both ends, one entry each per step. The walk
+        stops when either group is done, because ``count`` gives the other group.
+        """
+        boundary = data_id + _U64.pack(cutoff_ms)
+        with txn.cursor(db=self._access) as oldest, txn.cursor(db=self._access) as newest:
+            expired_left = oldest.set_range(data_id) and oldest.key() < boundary
+            live_left = _last_with_prefix(newest, data_id) and newest.key() >= boundary
+            expired = live = 0
+            while expired_left and live_left:
                 expired += 1
-        return expired
+                live += 1
+                expired_left = oldest.next() and oldest.key() < boundary
+                live_left = newest.prev() and newest.key() >= boundary
+        return live if not live_left else count - expired
+
+    # Sweeping. Each call is one bounded batch in the sweeper's write transaction.
+
+    def remove_expired(self, txn: lmdb.Transaction, *, limit: int, start: bytes = b"") -> tuple[int, bytes | None]:
+        """Remove up to ``limit`` expired entries, visiting dicts in data id order from ``start``.
+
+        A batch also stops after visiting ``limit`` dicts, so that many dicts with nothing
+        to remove cannot make it long. Returns the number of entries removed and the data
+        id to resume from, or None once every dict has been visited.
+        """
+        if not self.expiry.enabled:
+            return 0, None
+        cutoff_ms = self.expiry.cutoff_ms(self.expiry.now_ms())
+        removed = 0
+        visited = 0
+        position: bytes | None = start
+
+        while position is not None and removed < limit and visited < limit:
+            with txn.cursor(db=self._stats) as dicts:
+                if not dicts.set_range(position):
+                    return removed, None
+                data_id = dicts.key()
+            visited += 1
+
+            boundary = data_id + _U64.pack(cutoff_ms)
+            expired = []
+            with txn.cursor(db=self._access) as cursor:
+                if cursor.set_range(data_id):
+                    for access_key in cursor.iternext(values=False):
+                        if access_key >= boundary or len(expired) == limit - removed:
+                            break
+                        expired.append(access_key)
+
+            for access_key in expired:
+                seq_bytes = access_key[16:24]
+                _, ref, _ = _unpack_order(txn.get(data_id + seq_bytes, db=self._order))
+                txn.delete(data_id + ref, db=self._index)
+                txn.delete(data_id + seq_bytes, db=self._order)
+                txn.delete(access_key, db=self._access)
+            if expired:
+                count, next_seq = _STATS.unpack(txn.get(data_id, db=self._stats))
+                txn.put(data_id, _STATS.pack(count - len(expired), next_seq), db=self._stats)
+                removed += len(expired)
+
+            # A dict cut short by the limit is visited again by the next batch.
+            position = data_id if removed == limit else _successor(data_id)
+        return removed, position
+
+    def remove_garbage(self, txn: lmdb.Transaction, *, limit: int) -> int:
+        """Remove up to ``limit`` records of the entries of cleared or deleted dicts; return how many."""
+        removed = 0
+        for data_id in list(txn.cursor(db=self._garbage).iternext(values=False)):
+            for db in (self._index, self._order, self._access):
+                with txn.cursor(db=db) as cursor:
+                    while removed < limit and cursor.set_range(data_id) and cursor.key().startswith(data_id):
+                        cursor.delete()
+                        removed += 1
+            if removed >= limit:
+                break
+            txn.delete(data_id, db=self._garbage)
+        return removed
 
     # Counters.
 
@@ -639,6 +711,24 @@ class Store:
         value = (_U64.unpack(raw)[0] if raw else 0) + 1
         txn.put(b"counter:" + name, _U64.pack(value), db=self._meta)
         return value
+
+
+def _successor(data_id: bytes) -> bytes | None:
+    """Return the smallest key above every key that starts with ``data_id``; None if none is."""
+    value = int.from_bytes(data_id, "big") + 1
+    if value >> 64:
+        return None
+    return value.to_bytes(8, "big")
+
+
+def _last_with_prefix(cursor: lmdb.Cursor, prefix: bytes) -> bool:
+    """Position ``cursor`` on the last key that starts with the 8-byte ``prefix``."""
+    above = _successor(prefix)
+    if above is None or not cursor.set_range(above):
+        found = cursor.last()
+    else:
+        found = cursor.prev()
+    return found and cursor.key().startswith(prefix)
 
 
 def _name_key(environment_name: str, name: str) -> bytes:

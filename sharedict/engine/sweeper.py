@@ -1,20 +1,19 @@
 """The background sweeper: removes expired entries and the entries of cleared dicts.
 
-Expired entries are invisible from the moment they expire; the sweeper only reclaims
+Expired entries are invisible from the moment they expire, so the sweeper only reclaims
 their space. It works in bounded batches, each a write of its own through the group
 commit writer, so requests keep flowing between batches.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 
-import lmdb
-
-from sharedict.engine.store import _U64, _STATS, Store, _unpack_order
+from sharedict.engine.store import Store
 from sharedict.engine.writer import GroupCommitWriter
 
 logger = logging.getLogger(__name__)
@@ -22,65 +21,20 @@ logger = logging.getLogger(__name__)
 SWEEP_BATCH = 1000
 
 
-def sweep_expired(store: Store, txn: lmdb.Transaction, limit: int) -> int:
-    """Remove up to ``limit`` expired entries; return how many were removed."""
-    if store.expire_after <= 0:
-        return 0
-    cutoff_ms = store.now_ms() - int(store.expire_after * 1000)
-    removed = 0
-
-    for data_id, _ in list(txn.cursor(db=store._stats)):
-        cutoff = data_id + _U64.pack(max(0, cutoff_ms + 1))
-        expired = []
-        with txn.cursor(db=store._access) as cursor:
-            if cursor.set_range(data_id):
-                for access_key in cursor.iternext(values=False):
-                    if access_key >= cutoff or not access_key.startswith(data_id):
-                        break
-                    expired.append(access_key)
-                    if removed + len(expired) >= limit:
-                        break
-
-        for access_key in expired:
-            seq_bytes = access_key[16:24]
-            order_key = data_id + seq_bytes
-            _, ref, _ = _unpack_order(txn.get(order_key, db=store._order))
-            txn.delete(data_id + ref, db=store._index)
-            txn.delete(order_key, db=store._order)
-            txn.delete(access_key, db=store._access)
-        if expired:
-            count, next_seq = _STATS.unpack(txn.get(data_id, db=store._stats))
-            txn.put(data_id, _STATS.pack(count - len(expired), next_seq), db=store._stats)
-            removed += len(expired)
-        if removed >= limit:
-            break
-    return removed
-
-
-def sweep_garbage(store: Store, txn: lmdb.Transaction, limit: int) -> int:
-    """Remove up to ``limit`` records of cleared or deleted dicts; return how many."""
-    removed = 0
-    for data_id in list(txn.cursor(db=store._garbage).iternext(values=False)):
-        for db in (store._index, store._order, store._access):
-            with txn.cursor(db=db) as cursor:
-                while removed < limit and cursor.set_range(data_id) and cursor.key().startswith(data_id):
-                    cursor.delete()
-                    removed += 1
-        if removed >= limit:
-            break
-        txn.delete(data_id, db=store._garbage)
-    return removed
-
-
 class Sweeper:
-    """Runs sweeps every ``interval`` seconds on a thread of its own.
+    """Runs a sweep every ``interval`` seconds on a thread of its own.
+
+    ``last_sweep_at`` (wall-clock seconds, None before the first sweep) and
+    ``swept_entries`` (expired entries removed since start, counted per batch) may be read
+    from any thread.
 
     Args:
         store: the store to sweep.
         writer: the writer that applies each batch.
-        interval: seconds between sweeps.
-        on_idle: called once per sweep, for housekeeping such as reaping the ephemeral
+        interval: seconds between the end of one sweep and the start of the next.
+        on_idle: called after each sweep, for housekeeping such as reaping the ephemeral
             dicts of processes that are gone.
+        batch_size: the most entries or dicts one batch removes or visits.
     """
 
     def __init__(
@@ -89,11 +43,13 @@ class Sweeper:
         writer: GroupCommitWriter,
         interval: float,
         on_idle: Callable[[], None] | None = None,
+        batch_size: int = SWEEP_BATCH,
     ) -> None:
         self.store = store
         self.writer = writer
         self.interval = interval
         self.on_idle = on_idle
+        self.batch_size = batch_size
         self.last_sweep_at: float | None = None
         self.swept_entries = 0
         self._stop = threading.Event()
@@ -103,24 +59,40 @@ class Sweeper:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop after the batch in progress, and wait for the thread."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
 
     def sweep_once(self) -> int:
-        """Sweep until nothing is left to remove; return the number of expired entries removed."""
-        expired_total = 0
+        """Sweep until nothing is left to remove, or until stopped; return the expired entries removed."""
+        started = time.monotonic()
+
+        expired = 0
+        position: bytes | None = b""
+        while position is not None and not self._stop.is_set():
+            batch = functools.partial(self.store.remove_expired, limit=self.batch_size, start=position)
+            removed, position = self.writer.call(batch)
+            expired += removed
+            self.swept_entries += removed
+
+        garbage = 0
         while not self._stop.is_set():
-            expired = self.writer.call(lambda txn: sweep_expired(self.store, txn, SWEEP_BATCH))
-            garbage = self.writer.call(lambda txn: sweep_garbage(self.store, txn, SWEEP_BATCH))
-            expired_total += expired
-            if expired < SWEEP_BATCH and garbage < SWEEP_BATCH:
+            removed = self.writer.call(functools.partial(self.store.remove_garbage, limit=self.batch_size))
+            garbage += removed
+            if removed < self.batch_size:
                 break
-        self.swept_entries += expired_total
+
         self.last_sweep_at = time.time()
-        if expired_total:
-            logger.info("sweep removed %d expired entries", expired_total)
-        return expired_total
+        level = logging.INFO if expired or garbage else logging.DEBUG
+        logger.log(
+            level,
+            "sweep removed %d expired entries and %d records of cleared or deleted dicts in %.3f s",
+            expired,
+            garbage,
+            time.monotonic() - started,
+        )
+        return expired
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -129,4 +101,4 @@ class Sweeper:
                 if self.on_idle is not None:
                     self.on_idle()
             except Exception:
-                logger.exception("sweep failed; retrying after %s s", self.interval)
+                logger.exception("sweep failed; retrying in %s s", self.interval)
