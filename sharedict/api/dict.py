@@ -164,6 +164,10 @@ class Dict:
         return True
 
     def __reduce__(self) -> tuple[Any, ...]:
+        # The pickled form is the key of ``d[d]``: it must be the same bytes from every
+        # handle on the dict, so a ``from_id`` handle looks up its name first.
+        if not self._environment_name:
+            self.hydrate()
         return _restore_dict, (self.object_id, self._name, self._environment_name)
 
     @property
@@ -171,6 +175,25 @@ class Dict:
         if self._name is not None:
             return f"dict {self._name!r}"
         return f"ephemeral dict {_hex_id(self._id)}" if self._id else "ephemeral dict"
+
+    def _request(self, op: str, *args: Any, write: bool = False) -> Generator[Request, Any, Any]:
+        """Send a request about this dict; a dict deleted since the lookup raises ``NotFoundError``."""
+        try:
+            return (yield Request(op, *args, write=write))
+        except NotFoundError:
+            raise NotFoundError(self._deleted_message()) from None
+
+    def _deleted_message(self) -> str:
+        if self._name is None:
+            return (
+                f"dict {_hex_id(self._id)} not found: it was deleted, or the id is wrong; an ephemeral dict "
+                "is deleted when its `with` block exits or when the process that created it exits"
+            )
+        return (
+            f"dict {self._name!r} ({_hex_id(self._id)}) in environment {self._environment_name!r} was deleted; "
+            "a handle never reaches a dict created later under the same name, so get a new handle with "
+            f"Dict.from_name({self._name!r})"
+        )
 
     def _apply_record(self, record: dict[str, Any]) -> None:
         self._id = record["id"]
@@ -182,7 +205,11 @@ class Dict:
 
     def _hydrated(self) -> Generator[Request, Any, bytes]:
         """Look the dict up on first use (or create it) and return its id."""
+        if self._id is not None and self._environment_name:
+            return self._id
         if self._id is not None:
+            # A handle made by ``from_id`` learns its name and environment on first use.
+            self._apply_record((yield Request(protocol.DICT_BY_ID, self._id)))
             return self._id
         try:
             record = yield Request(protocol.DICT_OPEN, self._environment_name, self._name)
@@ -202,7 +229,12 @@ class Dict:
 
     @operation
     def hydrate(self, client: Client | None = None) -> Generator[Request, Any, Dict]:
-        """Look the dict up now (or create it); raises ``NotFoundError`` if it is missing."""
+        """Look the dict up now (or create it); raises ``NotFoundError`` if it is missing.
+
+        A ``client`` given here serves every later call of this handle.
+        """
+        if client is not None:
+            self._client = client
         yield from self._hydrated()
         return self
 
@@ -211,14 +243,14 @@ class Dict:
         """Return the dict's name, creation time (an aware datetime) and creating OS user."""
         object_id = yield from self._hydrated()
         if self._info is None:
-            self._apply_record((yield Request(protocol.DICT_BY_ID, object_id)))
+            self._apply_record((yield from self._request(protocol.DICT_BY_ID, object_id)))
         return self._info
 
     @operation
     def clear(self) -> Generator[Request, Any, None]:
         """Remove every entry, atomically."""
         object_id = yield from self._hydrated()
-        yield Request(protocol.CLEAR, object_id, write=True)
+        yield from self._request(protocol.CLEAR, object_id, write=True)
 
     # Reads.
 
@@ -227,7 +259,7 @@ class Dict:
         """Return the value of ``key``, or ``default`` when the key is missing."""
         match_key, _ = encode_request_key(key, self._label)
         object_id = yield from self._hydrated()
-        found, data = yield Request(protocol.GET, object_id, match_key)
+        found, data = yield from self._request(protocol.GET, object_id, match_key)
         if not found:
             return default
         return decode_value(data, key, self._label)
@@ -237,7 +269,7 @@ class Dict:
         """Return the value of ``key``; raises ``KeyError`` when the key is missing."""
         match_key, _ = encode_request_key(key, self._label)
         object_id = yield from self._hydrated()
-        found, data = yield Request(protocol.GET, object_id, match_key)
+        found, data = yield from self._request(protocol.GET, object_id, match_key)
         if not found:
             raise KeyError(key)
         return decode_value(data, key, self._label)
@@ -247,7 +279,7 @@ class Dict:
         """Return whether ``key`` is present."""
         match_key, _ = encode_request_key(key, self._label)
         object_id = yield from self._hydrated()
-        return (yield Request(protocol.CONTAINS, object_id, match_key))
+        return (yield from self._request(protocol.CONTAINS, object_id, match_key))
 
     __contains__ = contains
 
@@ -255,7 +287,7 @@ class Dict:
     def len(self) -> Generator[Request, Any, int]:
         """Return the exact number of entries, without scanning the dict."""
         object_id = yield from self._hydrated()
-        return (yield Request(protocol.LEN, object_id))
+        return (yield from self._request(protocol.LEN, object_id))
 
     __len__ = len
 
@@ -272,7 +304,11 @@ class Dict:
         match_key, stored_key = encode_request_key(key, self._label)
         data = encode_request_value(key, value, self._label)
         object_id = yield from self._hydrated()
-        return (yield Request(protocol.PUT, object_id, match_key, stored_key, data, bool(skip_if_exists), write=True))
+        return (
+            yield from self._request(
+                protocol.PUT, object_id, match_key, stored_key, data, bool(skip_if_exists), write=True
+            )
+        )
 
     @operation
     def __setitem__(self, key: Any, value: Any) -> Generator[Request, Any, None]:
@@ -280,7 +316,7 @@ class Dict:
         match_key, stored_key = encode_request_key(key, self._label)
         data = encode_request_value(key, value, self._label)
         object_id = yield from self._hydrated()
-        yield Request(protocol.PUT, object_id, match_key, stored_key, data, False, write=True)
+        yield from self._request(protocol.PUT, object_id, match_key, stored_key, data, False, write=True)
 
     @operation
     def update(self, other: Any = None, /, **kwargs: Any) -> Generator[Request, Any, None]:
@@ -306,7 +342,7 @@ class Dict:
         items.extend(kwargs.items())
         entries = encode_update(items, self._label)
         object_id = yield from self._hydrated()
-        yield Request(protocol.UPDATE, object_id, entries, write=True)
+        yield from self._request(protocol.UPDATE, object_id, entries, write=True)
 
     @operation
     def pop(self, key: Any, default: Any = _MISSING) -> Generator[Request, Any, Any]:
@@ -317,7 +353,7 @@ class Dict:
         """
         match_key, _ = encode_request_key(key, self._label)
         object_id = yield from self._hydrated()
-        found, data = yield Request(protocol.POP, object_id, match_key, write=True)
+        found, data = yield from self._request(protocol.POP, object_id, match_key, write=True)
         if not found:
             if default is _MISSING:
                 raise KeyError(key)
@@ -329,7 +365,7 @@ class Dict:
         """Remove ``key``; raises ``KeyError`` when the key is missing."""
         match_key, _ = encode_request_key(key, self._label)
         object_id = yield from self._hydrated()
-        found, _ = yield Request(protocol.POP, object_id, match_key, write=True)
+        found, _ = yield from self._request(protocol.POP, object_id, match_key, write=True)
         if not found:
             raise KeyError(key)
 
@@ -339,7 +375,7 @@ class Dict:
         object_id = yield from self._hydrated()
         after_seq = 0
         while True:
-            entries, done = yield Request(protocol.SCAN, object_id, after_seq, PAGE_SIZE, True, values)
+            entries, done = yield from self._request(protocol.SCAN, object_id, after_seq, PAGE_SIZE, True, values)
             for seq, key_data, value_data in entries:
                 key = decode_stored_key(key_data, self._label)
                 if keys and values:

@@ -14,7 +14,7 @@ from sharedict.api.operation import operation
 from sharedict.api.transport import Client, Request
 
 
-def _timestamp(created_before: datetime.datetime | str) -> float:
+def _aware_time(created_before: datetime.datetime | str) -> datetime.datetime:
     if isinstance(created_before, str):
         try:
             created_before = datetime.datetime.fromisoformat(created_before)
@@ -25,7 +25,7 @@ def _timestamp(created_before: datetime.datetime | str) -> float:
     if not isinstance(created_before, datetime.datetime):
         raise InvalidError(f"created_before must be a datetime or an ISO 8601 string, not {type(created_before).__name__}")
     # A time without a zone is local time, as in Modal.
-    return created_before.timestamp()
+    return created_before.astimezone()
 
 
 class DictManager:
@@ -66,12 +66,15 @@ class DictManager:
         if max_objects is not None and max_objects < 0:
             raise InvalidError(f"max_objects={max_objects} is negative; pass None or a count of 0 or more")
         environment_name = check_environment(environment_name)
-        before = None if created_before is None else _timestamp(created_before)
+        before = None if created_before is None else _aware_time(created_before)
 
         records = yield Request(protocol.DICT_LIST, environment_name)
         handles = []
         for record in records:
-            if before is not None and record["created_at"] >= before:
+            # Compare datetimes made as info() makes them, at microsecond resolution, so that
+            # a dict's own info().created_at lists only the dicts created before it.
+            created_at = datetime.datetime.fromtimestamp(record["created_at"], tz=datetime.timezone.utc)
+            if before is not None and created_at >= before:
                 continue
             if max_objects is not None and len(handles) >= max_objects:
                 break

@@ -1,0 +1,901 @@
+"""The blocking Dict API against a real daemon: handles, management, iteration, threads, fork."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import pickle
+import pwd
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+
+import cloudpickle
+import pytest
+
+from sharedict import AlreadyExistsError, Client, Dict, DictInfo, InvalidError, NotFoundError
+from sharedict.api.config import Settings
+from sharedict.api.dict import PAGE_SIZE
+
+WAIT_TIMEOUT = 30.0
+
+
+@pytest.fixture
+def daemon(module_daemon):
+    """One daemon for the module: every test works on dicts and environments of its own."""
+    return module_daemon
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def fresh_dict() -> Dict:
+    return Dict.from_name(unique("api"), create_if_missing=True).hydrate()
+
+
+def wait_until(condition, what: str) -> None:
+    """Poll ``condition`` until it returns true; fail after ``WAIT_TIMEOUT`` seconds."""
+    deadline = time.monotonic() + WAIT_TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {WAIT_TIMEOUT} s waiting until {what}")
+        time.sleep(0.02)
+
+
+def dict_exists(dict_id: str) -> bool:
+    try:
+        Dict.from_id(dict_id).len()
+    except NotFoundError:
+        return False
+    return True
+
+
+# from_name, create_if_missing and names.
+
+
+def test_from_name_is_lazy(daemon):
+    name = unique("lazy")
+    d = Dict.from_name(name)
+    assert d.name == name
+    with pytest.raises(NotFoundError):
+        d["key"]
+
+
+def test_missing_dict_message_names_fix(daemon):
+    name = unique("lazy")
+    with pytest.raises(NotFoundError) as caught:
+        Dict.from_name(name).get("key")
+    message = str(caught.value)
+    assert repr(name) in message
+    assert "create_if_missing=True" in message
+
+
+def test_from_name_creates_nothing_when_missing(daemon):
+    name = unique("lazy")
+    with pytest.raises(NotFoundError):
+        Dict.from_name(name).len()
+    with pytest.raises(NotFoundError):
+        Dict.from_name(name).hydrate()
+
+
+def test_create_if_missing_creates_on_first_use(daemon):
+    name = unique("created")
+    Dict.from_name(name, create_if_missing=True)["key"] = "value"
+    assert Dict.from_name(name)["key"] == "value"
+
+
+def test_create_if_missing_keeps_existing_entries(daemon):
+    name = unique("created")
+    Dict.from_name(name, create_if_missing=True)["key"] = "value"
+    assert Dict.from_name(name, create_if_missing=True)["key"] == "value"
+
+
+@pytest.mark.parametrize("name", ["has space", "a/b", "x" * 65, "", "naïve", "tab\t", "new\nline", "a:b"])
+def test_invalid_name_raises_at_from_name(daemon, name):
+    with pytest.raises(InvalidError, match="invalid dict name"):
+        Dict.from_name(name)
+
+
+@pytest.mark.parametrize("name", ["a", "x" * 64, "with-dash_under.dot", "0123", "..", "-"])
+def test_valid_names(daemon, name):
+    environment = unique("names")
+    d = Dict.from_name(name, environment_name=environment, create_if_missing=True)
+    d["key"] = "value"
+    assert d.info().name == name
+
+
+def test_non_string_name_raises(daemon):
+    with pytest.raises(InvalidError):
+        Dict.from_name(42)  # type: ignore[arg-type]
+
+
+def test_invalid_environment_name_raises(daemon):
+    with pytest.raises(InvalidError, match="environment name"):
+        Dict.from_name("fine", environment_name="not fine")
+
+
+@pytest.mark.parametrize("call", ["create", "delete"])
+def test_invalid_name_raises_in_objects(daemon, call):
+    with pytest.raises(InvalidError):
+        getattr(Dict.objects, call)("has space")
+
+
+def test_environments_are_separate(daemon):
+    name = unique("shared-name")
+    first = Dict.from_name(name, environment_name=unique("env"), create_if_missing=True)
+    second = Dict.from_name(name, environment_name=unique("env"), create_if_missing=True)
+    first["key"] = "first"
+    second["key"] = "second"
+    assert first["key"] == "first"
+    assert second["key"] == "second"
+    assert first != second
+
+
+def test_default_environment_is_main(daemon):
+    name = unique("main")
+    Dict.from_name(name, create_if_missing=True)["key"] = "value"
+    assert Dict.from_name(name, environment_name="main")["key"] == "value"
+
+
+def test_environment_not_seen_from_other(daemon):
+    environment = unique("env")
+    name = unique("only-here")
+    Dict.objects.create(name, environment_name=environment)
+    with pytest.raises(NotFoundError):
+        Dict.from_name(name).len()
+
+
+# from_id.
+
+
+def test_from_id_reaches_same_dict(daemon):
+    d = fresh_dict()
+    d["key"] = "value"
+    same = Dict.from_id(d.object_id)
+    assert same["key"] == "value"
+    assert same == d
+
+
+def test_from_id_learns_name(daemon):
+    d = fresh_dict()
+    same = Dict.from_id(d.object_id)
+    assert same.info().name == d.name
+
+
+def test_from_id_of_ephemeral_dict(daemon):
+    with Dict.ephemeral() as d:
+        d["key"] = "value"
+        assert Dict.from_id(d.object_id)["key"] == "value"
+
+
+@pytest.mark.parametrize("dict_id", ["", "di-", "di-xyz", "abc-0123456789abcdef", "di-0123456789abcdeg"])
+def test_from_id_invalid_raises(daemon, dict_id):
+    with pytest.raises(InvalidError, match="invalid dict id"):
+        Dict.from_id(dict_id)
+
+
+def test_from_id_unknown_raises_on_use(daemon):
+    d = Dict.from_id("di-0000000000000000")
+    with pytest.raises(NotFoundError):
+        d.len()
+
+
+# Ephemeral dicts.
+
+
+def test_ephemeral_works_inside_with(daemon):
+    with Dict.ephemeral() as d:
+        d["key"] = "value"
+        assert d["key"] == "value"
+        assert d.info().name is None
+
+
+def test_ephemeral_deleted_after_with(daemon):
+    with Dict.ephemeral() as d:
+        d["key"] = "value"
+        dict_id = d.object_id
+    assert not dict_exists(dict_id)
+    with pytest.raises(NotFoundError):
+        d["key"]
+
+
+def test_ephemeral_deleted_after_exception(daemon):
+    with pytest.raises(ValueError):
+        with Dict.ephemeral() as d:
+            dict_id = d.object_id
+            raise ValueError("leave the block")
+    assert not dict_exists(dict_id)
+
+
+def test_ephemeral_not_listed(daemon):
+    environment = unique("env")
+    with Dict.ephemeral(environment_name=environment) as d:
+        d["key"] = "value"
+        assert Dict.objects.list(environment_name=environment) == []
+
+
+def test_ephemeral_with_async_with(daemon):
+    async def scenario() -> str:
+        async with Dict.ephemeral() as d:
+            await d.put.aio("key", "value")
+            assert await d.get.aio("key") == "value"
+            return d.object_id
+
+    dict_id = asyncio.run(scenario())
+    assert not dict_exists(dict_id)
+
+
+def test_ephemeral_deleted_when_creator_dies(daemon, child_env):
+    code = textwrap.dedent(
+        """
+        import sys, time
+        from sharedict import Dict
+        with Dict.ephemeral() as d:
+            d["key"] = "value"
+            print(d.object_id, flush=True)
+            time.sleep(600)
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        dict_id = child.stdout.readline().strip()
+        assert dict_id.startswith("di-"), child.stderr.read()
+        assert Dict.from_id(dict_id)["key"] == "value"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        child.stderr.close()
+    wait_until(lambda: not dict_exists(dict_id), f"the daemon deleted {dict_id}")
+
+
+def test_ephemeral_survives_another_process_exit(daemon, child_env):
+    with Dict.ephemeral() as d:
+        d["key"] = "value"
+        result = subprocess.run(
+            [sys.executable, "-c", f"from sharedict import Dict; print(Dict.from_id({d.object_id!r})['key'])"],
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.stdout.strip() == "value", result.stderr
+        assert d["key"] == "value"
+
+
+# Dict.objects.
+
+
+def test_objects_create_then_use(daemon):
+    name = unique("objects")
+    assert Dict.objects.create(name) is None
+    Dict.from_name(name)["key"] = "value"
+    assert Dict.from_name(name).len() == 1
+
+
+def test_objects_create_existing_raises(daemon):
+    name = unique("objects")
+    Dict.objects.create(name)
+    with pytest.raises(AlreadyExistsError, match="allow_existing=True"):
+        Dict.objects.create(name)
+
+
+def test_objects_create_allow_existing_keeps_entries(daemon):
+    name = unique("objects")
+    Dict.objects.create(name)
+    Dict.from_name(name)["key"] = "value"
+    Dict.objects.create(name, allow_existing=True)
+    assert Dict.from_name(name)["key"] == "value"
+
+
+def test_objects_list_newest_first(daemon):
+    environment = unique("env")
+    names = [unique("listed") for _ in range(4)]
+    for name in names:
+        Dict.objects.create(name, environment_name=environment)
+    listed = Dict.objects.list(environment_name=environment)
+    assert [d.name for d in listed] == list(reversed(names))
+
+
+def test_objects_list_returns_live_handles(daemon):
+    environment = unique("env")
+    name = unique("listed")
+    Dict.objects.create(name, environment_name=environment)
+    [handle] = Dict.objects.list(environment_name=environment)
+    handle["key"] = "value"
+    assert Dict.from_name(name, environment_name=environment)["key"] == "value"
+    assert isinstance(handle.info(), DictInfo)
+
+
+def test_objects_list_max_objects(daemon):
+    environment = unique("env")
+    names = [unique("listed") for _ in range(5)]
+    for name in names:
+        Dict.objects.create(name, environment_name=environment)
+    listed = Dict.objects.list(max_objects=2, environment_name=environment)
+    assert [d.name for d in listed] == [names[4], names[3]]
+    assert Dict.objects.list(max_objects=0, environment_name=environment) == []
+
+
+def test_objects_list_negative_max_raises(daemon):
+    with pytest.raises(InvalidError, match="max_objects"):
+        Dict.objects.list(max_objects=-1)
+
+
+def test_objects_list_created_before(daemon):
+    environment = unique("env")
+    names = [unique("listed") for _ in range(3)]
+    for name in names:
+        Dict.objects.create(name, environment_name=environment)
+    cutoff = Dict.from_name(names[2], environment_name=environment).info().created_at
+    listed = Dict.objects.list(created_before=cutoff, environment_name=environment)
+    assert [d.name for d in listed] == [names[1], names[0]]
+
+
+def test_objects_list_pages_by_created_before(daemon):
+    environment = unique("env")
+    names = [unique("listed") for _ in range(5)]
+    for name in names:
+        Dict.objects.create(name, environment_name=environment)
+
+    listed: list[str | None] = []
+    page = Dict.objects.list(max_objects=2, environment_name=environment)
+    while page:
+        listed.extend(d.name for d in page)
+        cutoff = page[-1].info().created_at
+        page = Dict.objects.list(max_objects=2, created_before=cutoff, environment_name=environment)
+
+    assert listed == list(reversed(names))
+
+
+def test_objects_list_created_before_iso_string(daemon):
+    environment = unique("env")
+    name = unique("listed")
+    Dict.objects.create(name, environment_name=environment)
+    later = (datetime.datetime.now() + datetime.timedelta(hours=1)).isoformat()
+    earlier = (datetime.datetime.now() - datetime.timedelta(hours=1)).isoformat()
+    assert [d.name for d in Dict.objects.list(created_before=later, environment_name=environment)] == [name]
+    assert Dict.objects.list(created_before=earlier, environment_name=environment) == []
+
+
+def test_objects_list_invalid_created_before(daemon):
+    with pytest.raises(InvalidError, match="ISO 8601"):
+        Dict.objects.list(created_before="yesterday")
+
+
+def test_objects_delete(daemon):
+    name = unique("deleted")
+    Dict.from_name(name, create_if_missing=True)["key"] = "value"
+    Dict.objects.delete(name)
+    with pytest.raises(NotFoundError):
+        Dict.from_name(name).len()
+
+
+def test_objects_delete_missing_raises(daemon):
+    with pytest.raises(NotFoundError, match="allow_missing=True"):
+        Dict.objects.delete(unique("never-created"))
+
+
+def test_objects_delete_allow_missing(daemon):
+    assert Dict.objects.delete(unique("never-created"), allow_missing=True) is None
+
+
+def test_objects_delete_in_other_environment(daemon):
+    name = unique("deleted")
+    environment = unique("env")
+    kept = Dict.from_name(name, create_if_missing=True)
+    kept["key"] = "value"
+    Dict.objects.create(name, environment_name=environment)
+    Dict.objects.delete(name, environment_name=environment)
+    assert kept["key"] == "value"
+
+
+def test_objects_aio_forms(daemon):
+    environment = unique("env")
+    name = unique("async")
+
+    async def scenario() -> list[str | None]:
+        await Dict.objects.create.aio(name, environment_name=environment)
+        listed = await Dict.objects.list.aio(environment_name=environment)
+        await Dict.objects.delete.aio(name, environment_name=environment)
+        return [d.name for d in listed]
+
+    assert asyncio.run(scenario()) == [name]
+    assert Dict.objects.list(environment_name=environment) == []
+
+
+# Stale handles.
+
+
+def test_stale_handle_raises_after_delete(daemon):
+    d = fresh_dict()
+    d["key"] = "value"
+    Dict.objects.delete(d.name)
+    with pytest.raises(NotFoundError):
+        d["key"]
+    with pytest.raises(NotFoundError):
+        d["key"] = "value"
+    with pytest.raises(NotFoundError):
+        list(d.items())
+
+
+def test_stale_handle_message_names_fix(daemon):
+    d = fresh_dict()
+    Dict.objects.delete(d.name)
+    with pytest.raises(NotFoundError) as caught:
+        d.len()
+    message = str(caught.value)
+    assert repr(d.name) in message
+    assert "Dict.from_name" in message
+
+
+def test_stale_handle_after_recreate(daemon):
+    d = fresh_dict()
+    d["key"] = "old"
+    Dict.objects.delete(d.name)
+    renewed = Dict.from_name(d.name, create_if_missing=True)
+    renewed["key"] = "new"
+    with pytest.raises(NotFoundError):
+        d["key"]
+    with pytest.raises(NotFoundError):
+        d.put("other", "value")
+    assert renewed["key"] == "new"
+    assert renewed.len() == 1
+
+
+# info, hydrate, repr and identity.
+
+
+def test_info(daemon):
+    before = datetime.datetime.now(datetime.timezone.utc)
+    d = fresh_dict()
+    info = d.info()
+    after = datetime.datetime.now(datetime.timezone.utc)
+    assert info.name == d.name
+    assert info.created_at.tzinfo is not None
+    assert before - datetime.timedelta(seconds=5) <= info.created_at <= after + datetime.timedelta(seconds=5)
+    assert info.created_by == pwd.getpwuid(os.getuid()).pw_name
+
+
+def test_info_aio(daemon):
+    d = fresh_dict()
+    assert asyncio.run(d.info.aio()).name == d.name
+
+
+def test_hydrate_returns_handle(daemon):
+    d = Dict.from_name(unique("hydrated"), create_if_missing=True)
+    assert d.hydrate() is d
+    assert d.object_id.startswith("di-")
+    assert len(d.object_id) == 19
+
+
+def test_hydrate_client_serves_later_calls(daemon, monkeypatch):
+    unreachable = Settings(socket_path="/nonexistent/sharedict.sock", data_dir="/nonexistent", autostart=False)
+    monkeypatch.setattr(Client, "_default", Client(unreachable))
+    d = Dict.from_name(unique("hydrated"), create_if_missing=True)
+    d.hydrate(client=daemon.client())
+    d["key"] = "value"
+    assert d["key"] == "value"
+
+
+def test_hydrate_aio(daemon):
+    d = Dict.from_name(unique("hydrated"), create_if_missing=True)
+    assert asyncio.run(d.hydrate.aio()) is d
+
+
+def test_repr(daemon):
+    assert repr(Dict.from_name("kv")) == "sharedict.Dict.from_name('kv')"
+    assert repr(Dict.from_name("kv", environment_name="dev")) == "sharedict.Dict.from_name('kv', environment_name='dev')"
+
+
+def test_repr_of_from_id(daemon):
+    d = fresh_dict()
+    assert repr(Dict.from_id(d.object_id)) == f"sharedict.Dict.from_id({d.object_id!r})"
+
+
+def test_handles_equal_and_hash(daemon):
+    d = fresh_dict()
+    same = Dict.from_name(d.name)
+    by_id = Dict.from_id(d.object_id)
+    assert d == same
+    assert d == by_id
+    assert hash(d) == hash(same) == hash(by_id)
+    assert len({d, same, by_id}) == 1
+
+
+def test_handles_of_different_dicts_differ(daemon):
+    first = fresh_dict()
+    second = fresh_dict()
+    assert first != second
+    assert first != first.name
+
+
+def test_handle_is_true_when_empty(daemon):
+    assert fresh_dict()
+
+
+def test_dict_constructor_raises(daemon):
+    with pytest.raises(RuntimeError, match="from_name"):
+        Dict()
+
+
+# Handles as values and keys.
+
+
+def test_pickled_handle_in_same_process(daemon):
+    d = fresh_dict()
+    d["key"] = "value"
+    assert pickle.loads(pickle.dumps(d))["key"] == "value"
+    assert cloudpickle.loads(cloudpickle.dumps(d)) == d
+
+
+def test_pickled_handle_in_other_process(daemon, child_env):
+    d = fresh_dict()
+    d["key"] = "from parent"
+    code = textwrap.dedent(
+        """
+        import pickle, sys
+        d = pickle.loads(sys.stdin.buffer.read())
+        print(d["key"])
+        d["reply"] = "from child"
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], input=pickle.dumps(d), env=child_env, capture_output=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().strip() == "from parent"
+    assert d["reply"] == "from child"
+
+
+def test_pickled_ephemeral_handle_in_other_process(daemon, child_env):
+    with Dict.ephemeral() as d:
+        code = "import pickle, sys; pickle.loads(sys.stdin.buffer.read())['key'] = 'from child'"
+        result = subprocess.run(
+            [sys.executable, "-c", code], input=pickle.dumps(d), env=child_env, capture_output=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        assert d["key"] == "from child"
+
+
+def test_handle_as_key_and_value(daemon):
+    d = fresh_dict()
+    d[d] = d
+    assert d[d] == d
+    assert list(d.keys()) == [d]
+    [(key, value)] = list(d.items())
+    value["other"] = 1
+    assert d.len() == 2
+    assert key == d
+
+
+def test_handle_from_id_as_key(daemon):
+    d = fresh_dict()
+    d[d] = "value"
+    assert d[Dict.from_id(d.object_id)] == "value"
+    assert d[Dict.from_name(d.name)] == "value"
+
+
+def test_handle_in_container_value(daemon):
+    d = fresh_dict()
+    other = fresh_dict()
+    other["key"] = "value"
+    d["nested"] = {"handle": other, "items": [other]}
+    fetched = d["nested"]
+    assert fetched["handle"]["key"] == "value"
+    assert fetched["items"][0] == other
+
+
+# Values are copies.
+
+
+def test_fetched_value_is_a_copy(daemon):
+    d = fresh_dict()
+    d["list"] = [1, 2]
+    fetched = d["list"]
+    fetched.append(3)
+    assert d["list"] == [1, 2]
+
+
+def test_stored_value_is_a_copy(daemon):
+    d = fresh_dict()
+    value = {"count": 1}
+    d["value"] = value
+    value["count"] = 2
+    assert d["value"] == {"count": 1}
+
+
+def test_put_back_changes_value(daemon):
+    d = fresh_dict()
+    d["list"] = [1]
+    fetched = d["list"]
+    fetched.append(2)
+    d["list"] = fetched
+    assert d["list"] == [1, 2]
+
+
+def test_lambda_value_round_trips(daemon):
+    d = fresh_dict()
+    d["function"] = lambda x: x * 2
+    assert d["function"](21) == 42
+
+
+# Iteration.
+
+
+def test_iteration_over_pages(daemon):
+    d = fresh_dict()
+    count = 2500
+    d.update((f"key-{i}", i) for i in range(count))
+    assert list(d.keys()) == [f"key-{i}" for i in range(count)]
+    assert list(d.values()) == list(range(count))
+    assert list(d.items()) == [(f"key-{i}", i) for i in range(count)]
+    assert list(d) == [f"key-{i}" for i in range(count)]
+
+
+def test_iteration_fetches_pages_lazily(daemon):
+    d = fresh_dict()
+    count = PAGE_SIZE + 200
+    d.update((i, "original") for i in range(count))
+    items = d.items()
+    first = [next(items) for _ in range(10)]
+
+    # Only the first page has been read, so the iteration sees these writes to later
+    # entries: a changed value, and deleted entries.
+    d.update((i, "changed") for i in range(PAGE_SIZE, count))
+    for i in range(count - 20, count):
+        del d[i]
+    rest = list(items)
+
+    assert first == [(i, "original") for i in range(10)]
+    assert rest[: PAGE_SIZE - 10] == [(i, "original") for i in range(10, PAGE_SIZE)]
+    assert rest[PAGE_SIZE - 10 :] == [(i, "changed") for i in range(PAGE_SIZE, count - 20)]
+
+
+def test_iteration_of_large_values(daemon):
+    d = fresh_dict()
+    megabyte = 1 << 20
+    d.update((i, bytes([i]) * megabyte) for i in range(12))
+    sizes = [(key, len(value), value[:1]) for key, value in d.items()]
+    assert sizes == [(i, megabyte, bytes([i])) for i in range(12)]
+
+
+def test_iteration_of_empty_dict(daemon):
+    d = fresh_dict()
+    assert list(d.items()) == []
+
+
+def test_iteration_stopped_early(daemon):
+    d = fresh_dict()
+    d.update((i, i) for i in range(1500))
+    for key in d.keys():
+        if key == 3:
+            break
+    assert d.len() == 1500
+
+
+def test_iteration_while_writing_yields_untouched_once(daemon):
+    d = fresh_dict()
+    d.update((f"stable-{i}", i) for i in range(PAGE_SIZE))
+    d.update((f"churn-{i}", i) for i in range(PAGE_SIZE))
+    stable = {f"stable-{i}" for i in range(PAGE_SIZE)}
+
+    seen: list[str] = []
+    for position, key in enumerate(d.keys()):
+        seen.append(key)
+        # Interleave deletes, re-inserts and inserts with the pages being read.
+        if position % 25 == 0 and position < 2 * PAGE_SIZE:
+            d.pop(f"churn-{position // 2}", None)
+            d.update({f"churn-{(position * 7) % PAGE_SIZE}": "back", f"new-{position}": position})
+
+    stable_seen = [key for key in seen if key in stable]
+    assert sorted(stable_seen) == sorted(stable)
+    assert len(stable_seen) == len(set(stable_seen))
+
+
+def test_iteration_while_threads_write(daemon):
+    d = fresh_dict()
+    d.update((f"stable-{i}", i) for i in range(3000))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn(worker: int) -> None:
+        other = Dict.from_name(d.name)
+        index = 0
+        try:
+            while not stop.is_set():
+                other[f"churn-{worker}-{index}"] = index
+                if index % 3 == 0:
+                    other.pop(f"churn-{worker}-{index // 2}", None)
+                index += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(worker,)) for worker in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        rounds = [[key for key in d.keys() if key.startswith("stable-")] for _ in range(3)]
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+    assert errors == []
+    for stable_seen in rounds:
+        assert stable_seen == [f"stable-{i}" for i in range(3000)]
+
+
+def test_iteration_across_clear(daemon):
+    d = fresh_dict()
+    d.update((i, i) for i in range(1500))
+    keys = d.keys()
+    assert next(keys) == 0
+    d.clear()
+    rest = list(keys)
+    assert rest == list(range(1, len(rest) + 1))
+
+
+# Threads and fork.
+
+
+def test_threads_share_one_handle(daemon):
+    d = fresh_dict()
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            for i in range(100):
+                d[(worker, i)] = [worker, i]
+                assert d[(worker, i)] == [worker, i]
+                assert d.get((worker, i - 1), "missing") == ([worker, i - 1] if i else "missing")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(worker,)) for worker in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert d.len() == 8 * 100
+
+
+def test_threads_race_on_skip_if_exists(daemon):
+    d = fresh_dict()
+    results: list[bool] = []
+    barrier = threading.Barrier(8)
+
+    def insert(worker: int) -> None:
+        barrier.wait()
+        results.append(d.put("contested", worker, skip_if_exists=True))
+
+    threads = [threading.Thread(target=insert, args=(worker,)) for worker in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(results) == [False] * 7 + [True]
+
+
+def test_threads_race_on_pop(daemon):
+    d = fresh_dict()
+    d["contested"] = "value"
+    results: list[object] = []
+    barrier = threading.Barrier(8)
+
+    def pop() -> None:
+        barrier.wait()
+        results.append(d.pop("contested", None))
+
+    threads = [threading.Thread(target=pop) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert results.count("value") == 1
+    assert results.count(None) == 7
+
+
+def wait_for_child(pid: int) -> int:
+    """Return the exit code of a forked child; kill it if it hangs, as a deadlock would."""
+    deadline = time.monotonic() + WAIT_TIMEOUT
+    while True:
+        finished, wait_status = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            return os.waitstatus_to_exitcode(wait_status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the forked child {pid} hung for {WAIT_TIMEOUT} s")
+        time.sleep(0.02)
+
+
+def run_forked(child_body) -> int:
+    """Run ``child_body`` in a forked child and return its exit code."""
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            child_body()
+            status = 0
+        finally:
+            os._exit(status)
+    return wait_for_child(pid)
+
+
+@pytest.mark.parametrize("explicit_client", [False, True])
+def test_fork_after_use(daemon, explicit_client):
+    client = daemon.client() if explicit_client else None
+    d = Dict.from_name(unique("forked"), create_if_missing=True, client=client)
+    d["parent"] = "before fork"
+
+    def child() -> None:
+        for i in range(100):
+            d[f"child-{i}"] = i
+            if d[f"child-{i}"] != i:
+                raise AssertionError(f"child read a wrong value for child-{i}")
+
+    # The parent keeps using its connections while the child uses its own.
+    stop = threading.Event()
+    parent_errors: list[BaseException] = []
+
+    def parent_load() -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                d[f"parent-{i % 50}"] = i
+                assert d[f"parent-{i % 50}"] == i
+                i += 1
+        except BaseException as exc:
+            parent_errors.append(exc)
+
+    exit_code = run_forked(child)
+    loader = threading.Thread(target=parent_load)
+    loader.start()
+    second_exit_code = run_forked(child)
+    stop.set()
+    loader.join()
+
+    assert exit_code == 0
+    assert second_exit_code == 0
+    assert parent_errors == []
+    assert d["parent"] == "before fork"
+    assert d["child-99"] == 99
+
+
+def test_fork_child_ephemeral_deleted_on_exit(daemon):
+    read_end, write_end = os.pipe()
+
+    def child() -> None:
+        os.close(read_end)
+        with Dict.ephemeral() as d:
+            d["key"] = "value"
+            os.write(write_end, d.object_id.encode())
+            # Leave without the block's delete, as a crash would.
+            os._exit(0)
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child()
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    dict_id = os.read(read_end, 100).decode()
+    os.close(read_end)
+    wait_for_child(pid)
+
+    assert dict_id.startswith("di-")
+    wait_until(lambda: not dict_exists(dict_id), f"the daemon deleted {dict_id}")
