@@ -1,0 +1,209 @@
+"""What a run reports: the machine and versions, the table of figures, the goals, the JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.results import GoalOutcome, Result
+
+LIBRARIES = ("sharedict", "lmdb", "msgpack", "cloudpickle", "diskcache", "sqlitedict", "redis", "hiredis", "matplotlib")
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+# The environment of a run.
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _filesystem(path: str) -> str:
+    """Return the type of the filesystem that holds ``path``, from /proc/mounts."""
+    best, kind = "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    real = os.path.realpath(path)
+    for line in mounts:
+        fields = line.split()
+        if len(fields) >= 3 and (real == fields[1] or real.startswith(fields[1].rstrip("/") + "/")):
+            if len(fields[1]) > len(best):
+                best, kind = fields[1], fields[2]
+    return kind
+
+
+def machine(data_root: str) -> dict[str, Any]:
+    return {
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "memory_bytes": _memory_bytes(),
+        "kernel": platform.release(),
+        "data_filesystem": _filesystem(data_root),
+    }
+
+
+def _redis_server_version() -> str | None:
+    from benchmarks.servers import redis_server_path
+
+    executable = redis_server_path()
+    if executable is None:
+        return None
+    output = subprocess.run([executable, "--version"], capture_output=True, text=True, check=False).stdout
+    for word in output.split():
+        if word.startswith("v="):
+            return word[2:]
+    return output.strip() or None
+
+
+def versions() -> dict[str, Any]:
+    found: dict[str, Any] = {"python": platform.python_version(), "python_implementation": platform.python_implementation()}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    found["redis-server"] = _redis_server_version()
+    found["sqlite"] = sqlite3.sqlite_version
+    try:
+        import lmdb
+
+        found["liblmdb"] = ".".join(str(part) for part in lmdb.version())
+    except ImportError:
+        found["liblmdb"] = None
+    return found
+
+
+def git_commit() -> str | None:
+    """Return the commit of the repository, with ``-dirty`` when files differ from it."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPOSITORY, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPOSITORY,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if changes else "")
+
+
+# The table.
+
+
+def format_value(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def table(results: Sequence[Result], workload: str) -> list[list[str]]:
+    """Return the rows of one workload's table: a header, then one row per variant."""
+    rows = [result for result in results if result.workload == workload]
+    columns: list[tuple[str, str]] = []
+    for result in rows:
+        if (result.metric, result.unit) not in columns:
+            columns.append((result.metric, result.unit))
+    systems: list[str] = []
+    for result in rows:
+        if result.system not in systems:
+            systems.append(result.system)
+
+    header = ["system", "durable", *(f"{metric} ({unit})" for metric, unit in columns)]
+    lines = [header]
+    for system in systems:
+        by_metric = {(r.metric, r.unit): r for r in rows if r.system == system}
+        durable = next(r.durable for r in rows if r.system == system)
+        cells = [format_value(by_metric[column].value) if column in by_metric else "-" for column in columns]
+        lines.append([system, "yes" if durable else "no", *cells])
+    return lines
+
+
+def render_text(lines: list[list[str]]) -> str:
+    widths = [max(len(line[index]) for line in lines) for index in range(len(lines[0]))]
+    rendered = []
+    for line in lines:
+        cells = [cell.ljust(width) if index < 2 else cell.rjust(width) for index, (cell, width) in enumerate(zip(line, widths))]
+        rendered.append("  ".join(cells).rstrip())
+    return "\n".join(rendered)
+
+
+def render_markdown(lines: list[list[str]]) -> str:
+    header, *body = lines
+    alignment = ["---", "---", *("---:" for _ in header[2:])]
+    return "\n".join("| " + " | ".join(line) + " |" for line in [header, alignment, *body])
+
+
+def goal_lines(outcomes: Sequence[GoalOutcome]) -> list[list[str]]:
+    lines = [["goal", "target", "sharedict", "baseline", "ratio", "status"]]
+    for outcome in outcomes:
+        ratio = outcome.ratio
+        status = {True: "met", False: "missed", None: "not measured"}[outcome.met]
+        lines.append(
+            [
+                outcome.goal.label,
+                outcome.goal.describe(),
+                format_value(outcome.value) if outcome.value is not None else "-",
+                format_value(outcome.baseline) if outcome.baseline is not None else "-",
+                f"{ratio:.2f}" if ratio is not None and outcome.goal.baseline_system else "-",
+                status,
+            ]
+        )
+    return lines
+
+
+# JSON.
+
+
+def write_json(path: str, document: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as file:
+        json.dump(document, file, indent=2, default=_json_default)
+        file.write("\n")
+
+
+def _json_default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def environment(data_root: str, arguments: Sequence[str]) -> dict[str, Any]:
+    return {
+        "machine": machine(data_root),
+        "versions": versions(),
+        "commit": git_commit(),
+        "command": [os.path.basename(sys.executable), "-m", "benchmarks", *arguments],
+    }

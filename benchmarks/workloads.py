@@ -1,0 +1,501 @@
+"""The workloads W1 to W9, each run on every selected variant that supports it.
+
+Every workload starts with fresh servers and fresh directories, warms each store up with
+keys of its own before timing, and checks a value it read back, so that a store that
+silently lost writes cannot post a figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import systems
+from benchmarks.measure import WorkerPool, consume, median_time, time_each, time_once, total_rate
+from benchmarks.results import Result
+from benchmarks.servers import Servers
+from benchmarks.systems import Store, StoreSpec, Variant
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+# sharedict limits a serialised value to 100 MiB, and the pickle header takes a few
+# bytes of that, so the large value of W7 is 100 MiB less this margin.
+LARGE_VALUE_MARGIN = 4 * KiB
+# sharedict takes at most 10,000 entries per update(); bulk loads use chunks of this size.
+CHUNK = 10_000
+SET_SHARE = 0.10
+MIXED_PLAN_LENGTH = 50_000
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The sizes of every workload; ``FULL`` follows the published workload list."""
+
+    set_get_keys: int = 20_000
+    large_set_get_keys: int = 5_000
+    mixed_keys: int = 10_000
+    mixed_seconds: float = 3.0
+    mixed_processes: tuple[int, ...] = (1, 2, 4)
+    update_entries: int = 10_000
+    iterate_items: int = 100_000
+    iterate_repetitions: int = 3
+    durable_processes: int = 4
+    durable_writes: int = 1_000
+    gathered_gets: int = 10_000
+    gathered_repetitions: int = 5
+    large_value_bytes: int = 100 * MiB - LARGE_VALUE_MARGIN
+    large_value_repetitions: int = 3
+    sizes: tuple[int, ...] = (1_000, 100_000, 1_000_000)
+    sized_gets: int = 5_000
+    memory_entries: int = 1_000_000
+    warm_up: int = 1_000
+
+
+FULL = Scale()
+QUICK = Scale(
+    set_get_keys=1_000,
+    large_set_get_keys=300,
+    mixed_keys=1_000,
+    mixed_seconds=0.3,
+    update_entries=1_000,
+    iterate_items=5_000,
+    iterate_repetitions=1,
+    durable_writes=50,
+    gathered_gets=10_000,
+    gathered_repetitions=2,
+    large_value_bytes=4 * MiB,
+    large_value_repetitions=1,
+    sizes=(1_000, 5_000, 20_000),
+    sized_gets=500,
+    memory_entries=20_000,
+    warm_up=100,
+)
+
+
+def make_key(index: int) -> str:
+    return f"key-{index:07d}"
+
+
+def make_text(size: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choices("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", k=size))
+
+
+def chunks(start: int, stop: int, value: Any) -> Iterator[dict[str, Any]]:
+    for first in range(start, stop, CHUNK):
+        yield {make_key(index): value for index in range(first, min(first + CHUNK, stop))}
+
+
+def check_value(read: Any, expected: Any, variant: Variant) -> None:
+    """Raise unless a value read back equals the one stored (bytes for Redis and LMDB)."""
+    if isinstance(read, bytes) and isinstance(expected, str):
+        read = read.decode()
+    if read != expected:
+        preview = repr(read)[:60]
+        raise RuntimeError(f"{variant.name} returned {preview} instead of the stored value; its figures are void")
+
+
+class Context:
+    """The servers, scratch directory and collected results of one workload run."""
+
+    def __init__(self, root: str, servers: Servers, scale: Scale, variants: Sequence[Variant]) -> None:
+        self.root = root
+        self.servers = servers
+        self.scale = scale
+        self.variants = variants
+        self.results: list[Result] = []
+
+    def select(self, candidates: Sequence[Variant]) -> list[Variant]:
+        """Return the candidates that the run's --systems selected."""
+        return [variant for variant in candidates if variant in self.variants]
+
+    def spec(self, variant: Variant, name: str) -> StoreSpec:
+        if variant.system == "sharedict":
+            address = self.servers.sharedict().socket_path
+        elif variant.system == "redis":
+            address = self.servers.redis(variant.options["appendfsync"]).socket_path
+        else:
+            address = tempfile.mkdtemp(prefix=variant.name.replace(" ", "-") + "-", dir=self.root)
+        return StoreSpec(variant, address, name)
+
+    def record(
+        self,
+        workload: str,
+        variant: Variant,
+        metric: str,
+        value: float,
+        unit: str,
+        *,
+        higher_is_better: bool = False,
+        **parameters: Any,
+    ) -> None:
+        self.results.append(
+            Result(workload, variant.name, metric, value, unit, variant.durable, higher_is_better, parameters)
+        )
+
+    def progress(self, message: str) -> None:
+        print(f"  {message}", file=sys.stderr, flush=True)
+
+
+ALL_MAIN = (
+    systems.SHAREDICT,
+    systems.DISKCACHE,
+    systems.SQLITEDICT,
+    systems.REDIS_ALWAYS,
+    systems.REDIS_EVERYSEC,
+    systems.LMDB,
+)
+READ_ONLY = (systems.SHAREDICT, systems.DISKCACHE, systems.SQLITEDICT, systems.REDIS_EVERYSEC, systems.LMDB)
+DURABLE = (systems.SHAREDICT, systems.DISKCACHE_FULL, systems.REDIS_ALWAYS, systems.LMDB)
+
+
+# W1 and W2: one client sets distinct keys, then gets them all in random order.
+
+
+def set_then_get(context: Context, workload: str, key_count: int, value_size: int) -> None:
+    scale = context.scale
+    value = make_text(value_size)
+    keys = [make_key(index) for index in range(key_count)]
+    shuffled = random.Random(1).sample(keys, len(keys))
+    warm_keys = [f"warm-{index}" for index in range(scale.warm_up)]
+
+    for variant in context.select(ALL_MAIN):
+        context.progress(f"{workload} {variant.name}")
+        store = context.spec(variant, workload.lower()).open()
+        try:
+            for key in warm_keys:
+                store.set(key, value)
+            for key in warm_keys:
+                store.get(key)
+            sets = time_each(lambda key: store.set(key, value), keys)
+            gets = time_each(store.get, shuffled)
+            check_value(store.get(keys[-1]), value, variant)
+        finally:
+            store.close()
+
+        parameters = {"keys": key_count, "value_bytes": value_size}
+        context.record(workload, variant, "set p50", sets.percentile(0.50), "µs", **parameters)
+        context.record(workload, variant, "set p99", sets.percentile(0.99), "µs", **parameters)
+        context.record(workload, variant, "set", sets.ops_per_second, "ops/s", higher_is_better=True, **parameters)
+        context.record(workload, variant, "get p50", gets.percentile(0.50), "µs", **parameters)
+        context.record(workload, variant, "get p99", gets.percentile(0.99), "µs", **parameters)
+        context.record(workload, variant, "get", gets.ops_per_second, "ops/s", higher_is_better=True, **parameters)
+
+
+def run_w1(context: Context) -> None:
+    set_then_get(context, "W1", context.scale.set_get_keys, 100)
+
+
+def run_w2(context: Context) -> None:
+    set_then_get(context, "W2", context.scale.large_set_get_keys, 10 * KiB)
+
+
+# W3: several processes, 90% get and 10% set on shared keys.
+
+
+def _mixed_plan(key_count: int, seed: int) -> list[tuple[bool, str]]:
+    rng = random.Random(seed)
+    return [(rng.random() < SET_SHARE, make_key(rng.randrange(key_count))) for _ in range(MIXED_PLAN_LENGTH)]
+
+
+def mixed_warm_up(store: Store, key_count: int, value: str, seconds: float, seed: int) -> int:
+    for is_set, key in _mixed_plan(key_count, seed + 1)[:200]:
+        if is_set:
+            store.set(key, value)
+        else:
+            store.get(key)
+    return 200
+
+
+def mixed_body(store: Store, key_count: int, value: str, seconds: float, seed: int) -> int:
+    plan = _mixed_plan(key_count, seed)
+    clock = time.perf_counter
+    deadline = clock() + seconds
+    operations = 0
+    while clock() < deadline:
+        is_set, key = plan[operations % MIXED_PLAN_LENGTH]
+        if is_set:
+            store.set(key, value)
+        else:
+            store.get(key)
+        operations += 1
+    return operations
+
+
+def run_w3(context: Context) -> None:
+    scale = context.scale
+    value = make_text(100)
+
+    variants = context.select(ALL_MAIN)
+    if not variants:
+        return
+
+    with WorkerPool(max(scale.mixed_processes)) as pool:
+        for variant in variants:
+            spec = context.spec(variant, "w3")
+            store = spec.open()
+            try:
+                for entries in chunks(0, scale.mixed_keys, value):
+                    store.update(entries)
+            finally:
+                store.close()
+
+            for processes in scale.mixed_processes:
+                label = f"{processes} process{'es' if processes > 1 else ''}"
+                context.progress(f"W3 {variant.name}, {label}")
+                arguments = [(scale.mixed_keys, value, scale.mixed_seconds, seed) for seed in range(processes)]
+                reports = pool.run(spec, mixed_warm_up, mixed_body, arguments)
+                context.record(
+                    "W3",
+                    variant,
+                    label,
+                    total_rate(reports),
+                    "ops/s",
+                    higher_is_better=True,
+                    keys=scale.mixed_keys,
+                    set_share=SET_SHARE,
+                    seconds=scale.mixed_seconds,
+                )
+
+
+# W4: bulk update, and iteration over the whole dict.
+
+
+def run_w4(context: Context) -> None:
+    scale = context.scale
+    value = make_text(100)
+    update_count = scale.iterate_items // scale.update_entries
+
+    for variant in context.select(ALL_MAIN):
+        context.progress(f"W4 {variant.name}")
+        store = context.spec(variant, "w4").open()
+        try:
+            # The warm-up keys are the first of the measured ones, so the dict contains
+            # exactly iterate_items entries when iteration starts.
+            store.update({make_key(index): value for index in range(100)})
+            update_seconds = []
+            for number in range(update_count):
+                first = number * scale.update_entries
+                entries = {make_key(index): value for index in range(first, first + scale.update_entries)}
+                update_seconds.append(time_once(lambda: store.update(entries)))
+
+            counted = consume(store.items())
+            if counted != scale.iterate_items:
+                raise RuntimeError(f"{variant.name} iterated {counted} items, expected {scale.iterate_items}")
+            iterate_seconds = median_time(lambda: consume(store.items()), scale.iterate_repetitions)
+            check_value(store.get(make_key(0)), value, variant)
+        finally:
+            store.close()
+
+        context.record(
+            "W4", variant, "update", statistics.median(update_seconds) * 1000, "ms", entries=scale.update_entries
+        )
+        context.record("W4", variant, "iterate", iterate_seconds * 1000, "ms", items=scale.iterate_items)
+
+
+# W5: several processes of durable sets.
+
+
+def durable_warm_up(store: Store, worker: int, writes: int, value: str) -> int:
+    for index in range(20):
+        store.set(f"warm-{worker}-{index}", value)
+    return 20
+
+
+def durable_body(store: Store, worker: int, writes: int, value: str) -> int:
+    for index in range(writes):
+        store.set(f"w5-{worker}-{index}", value)
+    return writes
+
+
+def run_w5(context: Context) -> None:
+    scale = context.scale
+    value = make_text(100)
+    variants = context.select(DURABLE)
+    if not variants:
+        return
+
+    with WorkerPool(scale.durable_processes) as pool:
+        for variant in variants:
+            context.progress(f"W5 {variant.name}")
+            spec = context.spec(variant, "w5")
+            arguments = [(worker, scale.durable_writes, value) for worker in range(scale.durable_processes)]
+            reports = pool.run(spec, durable_warm_up, durable_body, arguments)
+            context.record(
+                "W5",
+                variant,
+                "writes",
+                total_rate(reports),
+                "writes/s",
+                higher_is_better=True,
+                processes=scale.durable_processes,
+                writes_per_process=scale.durable_writes,
+            )
+
+
+# W6: many gets gathered on one async connection, against the blocking loop.
+
+
+async def _time_gathered(handle: Any, keys: Sequence[str], repetitions: int) -> list[float]:
+    # The warm-up opens the event loop's connection, so no timed round pays for it.
+    await asyncio.gather(*(handle.get.aio(key) for key in keys[:1000]))
+    seconds = []
+    for _ in range(repetitions):
+        gc.collect()
+        started = time.perf_counter()
+        await asyncio.gather(*(handle.get.aio(key) for key in keys))
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def run_w6(context: Context) -> None:
+    scale = context.scale
+    if systems.SHAREDICT not in context.variants:
+        return
+    variant = systems.SHAREDICT
+    value = make_text(100)
+    keys = [make_key(index) for index in range(scale.gathered_gets)]
+    context.progress("W6 sharedict")
+
+    store = context.spec(variant, "w6").open()
+    try:
+        for entries in chunks(0, scale.gathered_gets, value):
+            store.update(entries)
+        handle = store.dict  # type: ignore[attr-defined]
+
+        def blocking_loop() -> None:
+            for key in keys:
+                handle.get(key)
+
+        blocking_loop()
+        blocking = median_time(blocking_loop, scale.gathered_repetitions)
+        gathered = statistics.median(asyncio.run(_time_gathered(handle, keys, scale.gathered_repetitions)))
+        check_value(store.get(keys[-1]), value, variant)
+    finally:
+        store.close()
+
+    parameters = {"gets": scale.gathered_gets, "repetitions": scale.gathered_repetitions}
+    context.record("W6", variant, "blocking", len(keys) / blocking, "ops/s", higher_is_better=True, **parameters)
+    context.record("W6", variant, "gathered", len(keys) / gathered, "ops/s", higher_is_better=True, **parameters)
+
+
+# W7: one large value.
+
+
+def run_w7(context: Context) -> None:
+    scale = context.scale
+    block = os.urandom(MiB)
+    value = (block * (scale.large_value_bytes // MiB + 1))[: scale.large_value_bytes]
+
+    for variant in context.select(ALL_MAIN):
+        context.progress(f"W7 {variant.name}")
+        store = context.spec(variant, "w7").open()
+        try:
+            store.set("warm", block)
+            store.get("warm")
+            put_seconds = median_time(lambda: store.set("large", value), scale.large_value_repetitions)
+            get_seconds = median_time(lambda: store.get("large"), scale.large_value_repetitions)
+            check_value(store.get("large"), value, variant)
+        finally:
+            store.close()
+
+        parameters = {"value_bytes": scale.large_value_bytes, "repetitions": scale.large_value_repetitions}
+        context.record("W7", variant, "put", put_seconds * 1000, "ms", **parameters)
+        context.record("W7", variant, "get", get_seconds * 1000, "ms", **parameters)
+
+
+# W8: get latency as the dict grows.
+
+
+def run_w8(context: Context) -> None:
+    scale = context.scale
+    value = make_text(100)
+    rng = random.Random(8)
+
+    for variant in context.select(READ_ONLY):
+        store = context.spec(variant, "w8").open()
+        try:
+            filled = 0
+            for size in scale.sizes:
+                context.progress(f"W8 {variant.name}, {size:,} entries")
+                for entries in chunks(filled, size, value):
+                    store.update(entries)
+                filled = size
+                keys = [make_key(rng.randrange(size)) for _ in range(scale.sized_gets)]
+                for key in keys[: scale.warm_up]:
+                    store.get(key)
+                gets = time_each(store.get, keys)
+                check_value(store.get(keys[0]), value, variant)
+                context.record("W8", variant, f"get p50 at {size:,}", gets.percentile(0.50), "µs", entries=size)
+        finally:
+            store.close()
+
+
+# W9: the server's memory with many entries.
+
+
+def process_memory(pid: int) -> dict[str, float]:
+    """Return VmRSS and RssAnon of a process in MiB, from /proc/PID/status."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "RssAnon"):
+            fields[name] = int(rest.split()[0]) / 1024  # the kernel reports kB
+    return fields
+
+
+def run_w9(context: Context) -> None:
+    scale = context.scale
+    value = make_text(100)
+
+    for variant in context.select((systems.SHAREDICT, systems.REDIS_EVERYSEC)):
+        context.progress(f"W9 {variant.name}")
+        spec = context.spec(variant, "w9")
+        server = context.servers.sharedict() if variant.system == "sharedict" else context.servers.redis("everysec")
+        store = spec.open()
+        try:
+            empty = process_memory(server.pid)
+            for entries in chunks(0, scale.memory_entries, value):
+                store.update(entries)
+            for index in range(0, scale.memory_entries, max(1, scale.memory_entries // 1000)):
+                store.get(make_key(index))
+            check_value(store.get(make_key(scale.memory_entries - 1)), value, variant)
+            loaded = process_memory(server.pid)
+        finally:
+            store.close()
+
+        parameters = {"entries": scale.memory_entries, "value_bytes": 100, "pid_status": "/proc/PID/status"}
+        context.record("W9", variant, "RssAnon", loaded["RssAnon"], "MiB", **parameters)
+        context.record("W9", variant, "RSS", loaded["VmRSS"], "MiB", **parameters)
+        context.record("W9", variant, "RssAnon empty", empty["RssAnon"], "MiB", **parameters)
+
+
+# Each description is a format string over the fields of Scale.
+WORKLOADS: dict[str, tuple[str, Callable[[Context], None]]] = {
+    "W1": ("one client: set {set_get_keys:,} distinct keys with 100-byte values, then get them all", run_w1),
+    "W2": ("one client: set {large_set_get_keys:,} distinct keys with 10 KiB values, then get them all", run_w2),
+    "W3": ("{mixed_processes} processes doing 90% get, 10% set on {mixed_keys:,} shared keys", run_w3),
+    "W4": ("update of {update_entries:,} entries (median); iterating {iterate_items:,} items", run_w4),
+    "W5": ("{durable_processes} processes each doing {durable_writes:,} durable sets", run_w5),
+    "W6": ("{gathered_gets:,} gets gathered with .aio on one connection, and the blocking loop", run_w6),
+    "W7": ("one value of {large_value_bytes:,} bytes: put, then get", run_w7),
+    "W8": ("get p50 with {sizes} entries in the dict", run_w8),
+    "W9": ("server memory holding {memory_entries:,} entries of 100 bytes", run_w9),
+}
+
+
+def describe(workload: str, scale: Scale) -> str:
+    template, _ = WORKLOADS[workload]
+    return template.format(**dataclasses.asdict(scale))
