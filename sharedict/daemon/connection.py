@@ -65,31 +65,39 @@ class Connection:
 
     def serve(self) -> None:
         reader = protocol.FrameReader()
+        replies: list[bytes] = []
         try:
             while not self._closed:
                 data = self.sock.recv(RECV_SIZE)
                 if not data:
                     return
                 reader.feed(data)
-                replies: list[bytes] = []
                 for body in reader.frames():
                     reply = self._handle_frame(body)
                     if reply is not None:
                         replies.append(reply)
                 if replies:
                     self.send(replies)
+                    replies = []
         except protocol.FrameTooLarge as exc:
-            logger.warning("connection %d (pid %d): %s; closing it", self.id, self.pid, exc)
-            self.send([protocol.encode_frame_bytes([0, CODE_BY_ERROR[RequestSizeError], str(exc)])])
+            self._reject(replies, RequestSizeError, exc)
         except protocol.MalformedFrame as exc:
-            logger.warning("connection %d (pid %d): %s; closing it", self.id, self.pid, exc)
-            self.send([protocol.encode_frame_bytes([0, CODE_BY_ERROR[ProtocolError], str(exc)])])
+            self._reject(replies, ProtocolError, exc)
         except OSError as exc:
             logger.debug("connection %d (pid %d) failed: %s", self.id, self.pid, exc)
         except Exception:
             logger.exception("connection %d (pid %d) failed", self.id, self.pid)
         finally:
             self.close()
+
+    def _reject(self, replies: list[bytes], error: type[Exception], exc: Exception) -> None:
+        """Answer the requests read before a bad frame, then the bad frame with request id 0.
+
+        Request id 0 tells the client that the error concerns the whole connection,
+        which the daemon closes next.
+        """
+        logger.warning("connection %d (pid %d): %s; closing it", self.id, self.pid, exc)
+        self.send([*replies, self._error_frame(0, error, str(exc))])
 
     def _handle_frame(self, body: bytes) -> bytes | None:
         """Handle one request frame; return the reply frame, or None if a write will send it."""
@@ -130,8 +138,9 @@ class Connection:
     def _hello(self, request_id: int, op: str, args: list[Any]) -> bytes:
         if op != protocol.HELLO:
             return self._error_frame(request_id, ProtocolError, f"the first request must be {protocol.HELLO!r}, not {op!r}")
-        if not args or args[0] != protocol.PROTOCOL_VERSION:
-            version = args[0] if args else None
+        version = args[0] if args else None
+        # Compare the type too, since 1.0 and True are equal to 1 but no client sends them.
+        if type(version) is not int or version != protocol.PROTOCOL_VERSION:
             return self._error_frame(
                 request_id,
                 ProtocolError,
