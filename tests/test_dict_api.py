@@ -14,6 +14,7 @@ import textwrap
 import threading
 import time
 import uuid
+from typing import Any
 
 import cloudpickle
 import pytest
@@ -742,6 +743,30 @@ def test_iteration_across_clear(daemon):
     d.clear()
     rest = list(keys)
     assert rest == list(range(1, len(rest) + 1))
+
+
+# Daemon restarts.
+
+
+def test_entries_survive_crash_restart(daemon):
+    d = fresh_dict()
+    d.update((i, i) for i in range(100))
+    d["key"] = "value"
+    daemon.restart(crash=True)
+    assert d["key"] == "value"
+    assert d.len() == 101
+
+
+def test_async_handle_reconnects_after_restart(daemon):
+    d = fresh_dict()
+
+    async def scenario() -> list[Any]:
+        await d.put.aio("before", 1)
+        daemon.restart(crash=True)
+        await d.put.aio("after", 2)
+        return [item async for item in d.items.aio()]
+
+    assert asyncio.run(scenario()) == [("before", 1), ("after", 2)]
 
 
 # Threads and fork.
