@@ -70,11 +70,27 @@ class SyncConnection:
     def __init__(self, socket_path: str) -> None:
         self.pid = os.getpid()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.connect(socket_path)
+        try:
+            self._sock.connect(socket_path)
+        except OSError:
+            self._sock.close()
+            raise
         self._reader = protocol.FrameReader()
         self._next_id = 0
         self.closed = False
-        self.server_info = self.request(Request(protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid()))
+        try:
+            self.server_info = self.request(Request(protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid()))
+        except (_NotSent, _ReplyLost):
+            # The daemon accepted the connection and closed it before the handshake
+            # ended: it rejects other users, and a daemon that is stopping does the same.
+            raise ConnectionResetError(
+                errno.ECONNRESET,
+                "the daemon closed the connection during the handshake; a daemon run by another user "
+                "rejects your connections, otherwise check its log",
+            ) from None
+        except BaseException:
+            self.close()
+            raise
 
     def request(self, request: Request) -> Any:
         self._next_id += 1

@@ -87,12 +87,24 @@ def exclusive_lock(path: str, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise AlreadyRunning(f"another sharedict daemon is already running for {what}") from None
+            raise AlreadyRunning(_already_running_message(fd, what)) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
         os.close(fd)
+
+
+def _already_running_message(fd: int, what: str) -> str:
+    # The holder writes its pid right after it takes the lock, so the file may still be
+    # empty when both start at the same moment.
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    if not holder.isdigit():
+        return f"another sharedict daemon is already running for {what}; stop it before starting a new one"
+    return (
+        f"another sharedict daemon (pid {holder}) is already running for {what}; "
+        f"use it, or stop it (for example with `kill {holder}`) before starting a new one"
+    )
 
 
 def bind_socket(socket_path: str) -> socket.socket:
