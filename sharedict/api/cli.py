@@ -1,29 +1,52 @@
-"""The ``sharedict`` command: run, inspect and stop the daemon.
+"""The ``sharedict`` command: run, inspect and stop the daemon, and manage dicts from the shell.
 
 ``main(argv)`` returns the exit status, so tests call it directly: 0 for success, 1 for a
-failure, 2 for a usage error.
+failure, 2 for a usage error. Errors are one line on stderr, without a traceback.
+
+``status`` and ``stop`` never start a daemon: inspecting one must not create one. The
+data commands are clients like any other and start one when none accepts connections,
+unless ``SHAREDICT_AUTOSTART=0``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
+import io
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import click
 
 from sharedict.api import protocol
 from sharedict.api.autostart import EXIT_ALREADY_RUNNING
+from sharedict.api.cli_common import CommandError, print_rich
+from sharedict.api.cli_format import format_bytes, format_duration, format_timestamp
 from sharedict.api.config import Settings
-from sharedict.api.errors import DaemonUnavailableError, Error
+from sharedict.api.errors import Error
 from sharedict.api.transport import Client, Request
 
 STOP_TIMEOUT = 30.0
+
+# The data commands live in modules that import rich, which are loaded when one of their
+# commands runs: `sharedict serve`, which every auto-start runs, stays quick to start.
+_LAZY_COMMANDS = {
+    "list": "sharedict.api.cli_commands:list_command",
+    "create": "sharedict.api.cli_commands:create_command",
+    "get": "sharedict.api.cli_commands:get_command",
+    "put": "sharedict.api.cli_commands:put_command",
+    "items": "sharedict.api.cli_commands:items_command",
+    "clear": "sharedict.api.cli_commands:clear_command",
+    "delete": "sharedict.api.cli_commands:delete_command",
+    "export": "sharedict.api.cli_transfer:export_command",
+    "import": "sharedict.api.cli_transfer:import_command",
+}
 
 
 def _settings(socket_path: str | None, data_dir: str | None, **overrides: Any) -> Settings:
@@ -46,10 +69,39 @@ socket_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OutputClosed(Exception):
+    """The reader of stdout went away, as ``head`` does after its lines."""
+
+
+class _CommandGroup(click.Group):
+    """The command group: loads the data commands on first use, and lists commands in a fixed order."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*self.commands, *_LAZY_COMMANDS]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in _LAZY_COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module_name, attribute = _LAZY_COMMANDS[cmd_name].split(":")
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # click would catch the OSError itself and exit; as another type it reaches
+            # main(), which also silences stdout.
+            raise _OutputClosed from None
+
+
+@click.group(cls=_CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sharedict")
 def cli() -> None:
-    """sharedict: named, persistent dicts shared by every process on this machine."""
+    """sharedict: named, persistent dicts shared by every process on this machine.
+
+    Data commands start a daemon in the background when none runs, as any client does;
+    set SHAREDICT_AUTOSTART=0 to make them fail instead.
+    """
 
 
 @cli.command()
@@ -136,67 +188,119 @@ def _detach() -> int:
     return write_end
 
 
-def _status(socket_path: str | None) -> dict[str, Any]:
+@contextlib.contextmanager
+def _running_daemon(socket_path: str | None, not_running: str) -> Iterator[Client]:
+    """Yield a client of the running daemon; raise ``CommandError`` ending in ``not_running`` when none runs."""
     client = _daemon_client(socket_path)
     try:
-        return client.call(Request(protocol.STATUS))
+        if not client.daemon_is_up():
+            raise CommandError(f"no sharedict daemon is running on {client.settings.socket_path}; {not_running}")
+        yield client
     finally:
         client.close()
 
 
-def _format_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
+def _status_rows(info: dict[str, Any]) -> list[tuple[str, Any]]:
+    last_sweep = info.get("last_sweep_at")
+    rows = [
+        ("pid", info["pid"]),
+        ("version", info["version"]),
+        ("uptime", format_duration(info["uptime"])),
+        ("socket", info["socket_path"]),
+        ("data dir", info["data_dir"]),
+        ("disk usage", format_bytes(info["data_bytes"])),
+        ("disk free", format_bytes(info["disk_free_bytes"])),
+        ("dicts", f"{info['dicts']:,}"),
+        ("entries", f"{info['entries']:,}"),
+        ("connections", info["connections"]),
+        ("expire after", f"{info['expire_after']:g} s" if info["expire_after"] else "never"),
+        ("sweep interval", f"{info['sweep_interval']:g} s"),
+        ("last sweep", format_timestamp(last_sweep) if last_sweep else "not yet"),
+        ("swept entries", f"{info['swept_entries']:,}"),
+    ]
+    if isinstance(info.get("locks"), list):
+        rows.append(("held locks", len(info["locks"]) or "none"))
+    return rows
+
+
+def _print_locks(locks: list[dict[str, Any]]) -> None:
+    """Print a table of the held locks, with a column for every field the daemon reports."""
+    # Imported here so that `sharedict serve`, which every auto-start runs, starts without rich.
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    fields: list[str] = []
+    for lock in locks:
+        fields.extend(field for field in lock if field not in fields)
+    table = Table(
+        *(field.replace("_", " ") for field in fields),
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
+    for lock in locks:
+        table.add_row(*(Text(_lock_field(field, lock.get(field))) for field in fields))
+    print_rich(Console(highlight=False), table)
+
+
+def _lock_field(field: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if field.endswith("_at") and isinstance(value, (int, float)):
+        return format_timestamp(value)
+    if field.startswith("lease") and isinstance(value, (int, float)):
+        return f"{value:.1f} s"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
 
 
 @cli.command()
 @socket_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(socket_path: str | None, as_json: bool) -> None:
-    """Show whether the daemon runs, and its settings and contents."""
-    info = _status(socket_path)
+    """Show the daemon's state, contents and settings.
+
+    Prints the pid, uptime, socket, data dir, disk usage, dict and entry counts, the
+    expiry settings, the last sweep and the held locks. Never starts a daemon: with
+    none running, this fails with exit status 1.
+    """
+    with _running_daemon(socket_path, "start one with `sharedict serve`") as client:
+        info = client.call(Request(protocol.STATUS))
     if as_json:
-        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        click.echo(json.dumps(info, indent=2, sort_keys=True, default=repr))
         return
-    last_sweep = info.get("last_sweep_at")
-    rows = [
-        ("pid", info["pid"]),
-        ("version", info["version"]),
-        ("uptime", f"{info['uptime']:.0f} s"),
-        ("socket", info["socket_path"]),
-        ("data dir", info["data_dir"]),
-        ("disk usage", _format_bytes(info["data_bytes"])),
-        ("disk free", _format_bytes(info["disk_free_bytes"])),
-        ("dicts", info["dicts"]),
-        ("entries", info["entries"]),
-        ("connections", info["connections"]),
-        ("expire after", f"{info['expire_after']:g} s" if info["expire_after"] else "never"),
-        ("sweep interval", f"{info['sweep_interval']:g} s"),
-        ("last sweep", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last_sweep)) if last_sweep else "not yet"),
-        ("swept entries", info["swept_entries"]),
-    ]
+
+    rows = _status_rows(info)
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         click.echo(f"{label:<{width}}  {value}")
+    if info.get("locks"):
+        click.echo()
+        _print_locks(info["locks"])
 
 
 @cli.command()
 @socket_option
 def stop(socket_path: str | None) -> None:
-    """Stop the daemon gracefully, after the commits in flight."""
-    client = _daemon_client(socket_path)
-    try:
+    """Stop the daemon gracefully, after the commits in flight.
+
+    Never starts a daemon: with none running, this fails with exit status 1.
+    """
+    with _running_daemon(socket_path, "there is nothing to stop") as client:
         pid = client.call(Request(protocol.STATUS))["pid"]
         client.call(Request(protocol.SHUTDOWN))
-    finally:
-        client.close()
     deadline = time.monotonic() + STOP_TIMEOUT
     while _process_exists(pid):
         if time.monotonic() > deadline:
-            raise click.ClickException(f"the daemon (pid {pid}) did not stop within {STOP_TIMEOUT:.0f} s")
+            raise CommandError(
+                f"the daemon (pid {pid}) did not stop within {STOP_TIMEOUT:.0f} s; see its log, "
+                f"or end it with `kill {pid}`"
+            )
         time.sleep(0.02)
     click.echo(f"stopped the daemon (pid {pid})")
 
@@ -211,22 +315,43 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second error."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return  # not a real file, as under pytest's capture: nothing is flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="sharedict", standalone_mode=False)
+        result = cli.main(args=list(argv) if argv is not None else None, prog_name="sharedict", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 1
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except DaemonUnavailableError as exc:
-        click.echo(f"sharedict: {exc}", err=True)
+    except _OutputClosed:
+        # The process reading stdout has exited, so no error message could reach anyone.
+        # SIGPIPE stays ignored, as Python sets it, because `serve` must never die of a
+        # closed pipe.
+        _discard_stdout()
         return 1
     except Error as exc:
-        click.echo(f"sharedict: {exc}", err=True)
+        click.echo(f"Error: {_one_line(str(exc))}", err=True)
         return 1
     except SystemExit as exc:
+        if exc.code is None:
+            return 0
         return exc.code if isinstance(exc.code, int) else 1
-    return 0
+    # A command returns None; click returns the exit code of --help and --version.
+    return result if isinstance(result, int) else 0

@@ -111,6 +111,34 @@ def decode_key(data: bytes) -> Any:
     return key
 
 
+def match_key_of(stored_key: bytes) -> bytes:
+    """Return the match key of a stored key, without unpickling anything.
+
+    This turns the exact encoding back into the canonical one at the byte level: bools
+    and integral floats become ints, and frozensets are sorted again. Pickled items
+    are the same in both encodings, so a key whose classes cannot be imported here
+    still gets its match key. A match key is returned unchanged.
+    """
+    tag = stored_key[:1]
+    if tag == TAG_TRUE:
+        return _int_bytes(1)
+    if tag == TAG_FALSE:
+        return _int_bytes(0)
+    if tag == TAG_FLOAT:
+        return _encode(_DOUBLE.unpack_from(stored_key, 1)[0])[0]
+    if tag in (TAG_TUPLE, TAG_FROZENSET):
+        (count,) = _LENGTH.unpack_from(stored_key, 1)
+        position = 1 + _LENGTH.size
+        parts = []
+        for _ in range(count):
+            (length,) = _LENGTH.unpack_from(stored_key, position)
+            position += _LENGTH.size
+            parts.append(match_key_of(stored_key[position : position + length]))
+            position += length
+        return _join(tag, parts if tag == TAG_TUPLE else sorted(parts))
+    return stored_key
+
+
 def _decode(data: memoryview, start: int) -> tuple[Any, int]:
     tag = bytes(data[start : start + 1])
     body = start + 1
