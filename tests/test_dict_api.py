@@ -585,6 +585,26 @@ def test_handle_from_id_as_key(daemon):
     assert d[Dict.from_name(d.name)] == "value"
 
 
+def test_aio_handle_as_key_never_blocks(daemon, monkeypatch):
+    d = fresh_dict()
+    other = Dict.from_name(unique("not-looked-up"), create_if_missing=True)
+    by_id = Dict.from_id(d.object_id)
+
+    def blocking_call(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("an .aio call made a blocking request")
+
+    async def scenario() -> list[Any]:
+        await d.put.aio(other, by_id)
+        await d.update.aio({("pair", by_id): other})
+        return [await d.get.aio(other), await d.get.aio(("pair", d))]
+
+    monkeypatch.setattr(Client, "call", blocking_call)
+    fetched = asyncio.run(scenario())
+    monkeypatch.undo()
+    assert fetched == [d, other]
+    assert other.len() == 0
+
+
 def test_handle_in_container_value(daemon):
     d = fresh_dict()
     other = fresh_dict()

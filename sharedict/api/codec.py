@@ -6,6 +6,7 @@ Messages name the dict and say whether the key or the value was at fault.
 
 from __future__ import annotations
 
+import contextvars
 import re
 from typing import Any
 
@@ -15,6 +16,23 @@ from sharedict.api.serialization import decode_key, dump_value, encode_key, load
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEFAULT_ENVIRONMENT = "main"
+
+# True while a Dict operation encodes its keys and values. A handle inside them that has
+# not looked its dict up yet raises ``LookupNeeded`` instead of making a blocking call, and
+# the operation does the lookup through its own driver: so an ``.aio`` call never blocks
+# the event loop.
+encoding_in_operation: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "sharedict_encoding_in_operation", default=False
+)
+
+
+class LookupNeeded(Exception):
+    """A handle inside a key or value must look its dict up before it can be pickled."""
+
+    def __init__(self, handle: Any) -> None:
+        super().__init__(handle)
+        self.handle = handle
+
 
 # Bytes of framing per entry and per request, beyond the keys and values themselves.
 _ENTRY_OVERHEAD = 16
@@ -57,8 +75,8 @@ def encode_request_key(key: Any, dict_label: str) -> tuple[bytes, bytes | None]:
             ) from exc
     try:
         match_key, stored_key = encode_key(key)
-    except Error:
-        raise  # a Dict handle inside the key that could not be looked up
+    except (Error, LookupNeeded):
+        raise  # a Dict handle inside the key that could not be looked up, or must be first
     except Exception as exc:
         raise SerializationError(
             f"cannot pickle a key of type {type(key).__name__} for {dict_label}: {type(exc).__name__}: {exc}; "
@@ -77,8 +95,8 @@ def encode_request_value(key: Any, value: Any, dict_label: str) -> bytes:
     """Pickle a value for a request, raising ``SerializationError`` or ``RequestSizeError``."""
     try:
         data = dump_value(value)
-    except Error:
-        raise  # a Dict handle inside the value that could not be looked up
+    except (Error, LookupNeeded):
+        raise  # a Dict handle inside the value that could not be looked up, or must be first
     except Exception as exc:
         raise SerializationError(
             f"cannot pickle the value of type {type(value).__name__} for key {_short_repr(key)} in {dict_label}: "

@@ -17,12 +17,13 @@ Guarantees:
 from __future__ import annotations
 
 import datetime
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sharedict.api import protocol
 from sharedict.api.codec import (
+    LookupNeeded,
     check_environment,
     check_name,
     decode_stored_key,
@@ -30,6 +31,7 @@ from sharedict.api.codec import (
     encode_request_key,
     encode_request_value,
     encode_update,
+    encoding_in_operation,
 )
 from sharedict.api.errors import InvalidError, NotFoundError
 from sharedict.api.operation import Item, iteration, operation
@@ -37,6 +39,7 @@ from sharedict.api.transport import Client, Request
 
 PAGE_SIZE = 1000
 _MISSING = object()
+_Encoded = TypeVar("_Encoded")
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ class Dict:
     def object_id(self) -> str:
         """The dict's id, ``di-`` and 16 hex digits; looks the dict up if needed."""
         if self._id is None:
-            self.hydrate()
+            self._look_up_now()
         return _hex_id(self._id)
 
     def __repr__(self) -> str:
@@ -167,7 +170,7 @@ class Dict:
         # The pickled form is the key of ``d[d]``: it must be the same bytes from every
         # handle on the dict, so a ``from_id`` handle looks up its name first.
         if not self._environment_name:
-            self.hydrate()
+            self._look_up_now()
         return _restore_dict, (self.object_id, self._name, self._environment_name)
 
     @property
@@ -175,6 +178,24 @@ class Dict:
         if self._name is not None:
             return f"dict {self._name!r}"
         return f"ephemeral dict {_hex_id(self._id)}" if self._id else "ephemeral dict"
+
+    def _look_up_now(self) -> None:
+        """Look the dict up with a blocking call, or ask the operation that is encoding to do it."""
+        if encoding_in_operation.get():
+            raise LookupNeeded(self)
+        self.hydrate()
+
+    def _encode(self, encode: Callable[..., _Encoded], *args: Any) -> Generator[Request, Any, _Encoded]:
+        """Run a codec function on a call's keys and values; look up the handles inside them first."""
+        while True:
+            token = encoding_in_operation.set(True)
+            try:
+                return encode(*args)
+            except LookupNeeded as needed:
+                handle = needed.handle
+            finally:
+                encoding_in_operation.reset(token)
+            yield from handle._hydrated()
 
     def _request(self, op: str, *args: Any, write: bool = False) -> Generator[Request, Any, Any]:
         """Send a request about this dict; a dict deleted since the lookup raises ``NotFoundError``."""
@@ -257,7 +278,7 @@ class Dict:
     @operation
     def get(self, key: Any, default: Any = None) -> Generator[Request, Any, Any]:
         """Return the value of ``key``, or ``default`` when the key is missing."""
-        match_key, _ = encode_request_key(key, self._label)
+        match_key, _ = yield from self._encode(encode_request_key, key, self._label)
         object_id = yield from self._hydrated()
         found, data = yield from self._request(protocol.GET, object_id, match_key)
         if not found:
@@ -267,7 +288,7 @@ class Dict:
     @operation
     def __getitem__(self, key: Any) -> Generator[Request, Any, Any]:
         """Return the value of ``key``; raises ``KeyError`` when the key is missing."""
-        match_key, _ = encode_request_key(key, self._label)
+        match_key, _ = yield from self._encode(encode_request_key, key, self._label)
         object_id = yield from self._hydrated()
         found, data = yield from self._request(protocol.GET, object_id, match_key)
         if not found:
@@ -277,7 +298,7 @@ class Dict:
     @operation
     def contains(self, key: Any) -> Generator[Request, Any, bool]:
         """Return whether ``key`` is present."""
-        match_key, _ = encode_request_key(key, self._label)
+        match_key, _ = yield from self._encode(encode_request_key, key, self._label)
         object_id = yield from self._hydrated()
         return (yield from self._request(protocol.CONTAINS, object_id, match_key))
 
@@ -301,8 +322,8 @@ class Dict:
         when this call inserted the key, and False, storing nothing, when the key was
         present. Otherwise it returns True.
         """
-        match_key, stored_key = encode_request_key(key, self._label)
-        data = encode_request_value(key, value, self._label)
+        match_key, stored_key = yield from self._encode(encode_request_key, key, self._label)
+        data = yield from self._encode(encode_request_value, key, value, self._label)
         object_id = yield from self._hydrated()
         return (
             yield from self._request(
@@ -313,8 +334,8 @@ class Dict:
     @operation
     def __setitem__(self, key: Any, value: Any) -> Generator[Request, Any, None]:
         """Store ``value`` under ``key``."""
-        match_key, stored_key = encode_request_key(key, self._label)
-        data = encode_request_value(key, value, self._label)
+        match_key, stored_key = yield from self._encode(encode_request_key, key, self._label)
+        data = yield from self._encode(encode_request_value, key, value, self._label)
         object_id = yield from self._hydrated()
         yield from self._request(protocol.PUT, object_id, match_key, stored_key, data, False, write=True)
 
@@ -340,7 +361,7 @@ class Dict:
                         ) from None
                     items.append((key, value))
         items.extend(kwargs.items())
-        entries = encode_update(items, self._label)
+        entries = yield from self._encode(encode_update, items, self._label)
         object_id = yield from self._hydrated()
         yield from self._request(protocol.UPDATE, object_id, entries, write=True)
 
@@ -351,7 +372,7 @@ class Dict:
         A missing key returns ``default`` when one is given, and raises ``KeyError``
         otherwise.
         """
-        match_key, _ = encode_request_key(key, self._label)
+        match_key, _ = yield from self._encode(encode_request_key, key, self._label)
         object_id = yield from self._hydrated()
         found, data = yield from self._request(protocol.POP, object_id, match_key, write=True)
         if not found:
@@ -363,7 +384,7 @@ class Dict:
     @operation
     def __delitem__(self, key: Any) -> Generator[Request, Any, None]:
         """Remove ``key``; raises ``KeyError`` when the key is missing."""
-        match_key, _ = encode_request_key(key, self._label)
+        match_key, _ = yield from self._encode(encode_request_key, key, self._label)
         object_id = yield from self._hydrated()
         found, _ = yield from self._request(protocol.POP, object_id, match_key, write=True)
         if not found:
