@@ -815,6 +815,31 @@ def test_threads_share_one_handle(daemon):
     assert d.len() == 8 * 100
 
 
+def test_threads_with_event_loops_share_one_handle(daemon):
+    d = fresh_dict()
+    errors: list[BaseException] = []
+
+    async def work(worker: int) -> None:
+        await asyncio.gather(*(d.put.aio((worker, i), i) for i in range(50)))
+        values = await asyncio.gather(*(d.get.aio((worker, i)) for i in range(50)))
+        assert values == list(range(50))
+
+    def run(worker: int) -> None:
+        try:
+            asyncio.run(work(worker))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert d.len() == 4 * 50
+
+
 def test_threads_race_on_skip_if_exists(daemon):
     d = fresh_dict()
     results: list[bool] = []
@@ -918,6 +943,27 @@ def test_fork_after_use(daemon, explicit_client):
     assert parent_errors == []
     assert d["parent"] == "before fork"
     assert d["child-99"] == 99
+
+
+def test_fork_after_async_use(daemon):
+    d = fresh_dict()
+
+    async def write(key: str) -> None:
+        await d.put.aio(key, key)
+        assert await d.get.aio(key) == key
+
+    # The parent's loop and its connection stay open across the fork.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(write("parent-before"))
+        exit_code = run_forked(lambda: asyncio.run(write("child")))
+        loop.run_until_complete(write("parent-after"))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+    assert exit_code == 0
+    assert list(d.keys()) == ["parent-before", "child", "parent-after"]
 
 
 def test_fork_child_ephemeral_deleted_on_exit(daemon):
