@@ -19,8 +19,8 @@ DEFAULT_ENVIRONMENT = "main"
 
 # True while a Dict operation encodes its keys and values. A handle inside them that has
 # not looked its dict up yet raises ``LookupNeeded`` instead of making a blocking call, and
-# the operation does the lookup through its own driver: so an ``.aio`` call never blocks
-# the event loop.
+# the operation does the lookup through its own driver. So storing such a handle through
+# ``.aio`` does not block the event loop.
 encoding_in_operation: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "sharedict_encoding_in_operation", default=False
 )
@@ -76,7 +76,7 @@ def encode_request_key(key: Any, dict_label: str) -> tuple[bytes, bytes | None]:
     try:
         match_key, stored_key = encode_key(key)
     except (Error, LookupNeeded):
-        raise  # a Dict handle inside the key that could not be looked up, or must be first
+        raise  # from a Dict handle inside the key: a failed lookup, or one the operation must do
     except Exception as exc:
         raise SerializationError(
             f"cannot pickle a key of type {type(key).__name__} for {dict_label}: {type(exc).__name__}: {exc}; "
@@ -96,7 +96,7 @@ def encode_request_value(key: Any, value: Any, dict_label: str) -> bytes:
     try:
         data = dump_value(value)
     except (Error, LookupNeeded):
-        raise  # a Dict handle inside the value that could not be looked up, or must be first
+        raise  # from a Dict handle inside the value: a failed lookup, or one the operation must do
     except Exception as exc:
         raise SerializationError(
             f"cannot pickle the value of type {type(value).__name__} for key {_short_repr(key)} in {dict_label}: "
