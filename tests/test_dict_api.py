@@ -19,7 +19,7 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from sharedict import AlreadyExistsError, Client, Dict, DictInfo, InvalidError, NotFoundError
+from sharedict import AlreadyExistsError, Client, Dict, DictInfo, InvalidError, NotFoundError, SerializationError
 from sharedict.api.config import Settings
 from sharedict.api.dict import PAGE_SIZE
 
@@ -175,6 +175,14 @@ def test_from_id_of_ephemeral_dict(daemon):
         assert Dict.from_id(d.object_id)["key"] == "value"
 
 
+def test_from_id_message_names_dict(daemon):
+    d = fresh_dict()
+    with pytest.raises(SerializationError) as caught:
+        Dict.from_id(d.object_id)["key"] = threading.Lock()
+    assert f"dict {d.object_id}" in str(caught.value)
+    assert "ephemeral" not in str(caught.value)
+
+
 @pytest.mark.parametrize("dict_id", ["", "di-", "di-xyz", "abc-0123456789abcdef", "di-0123456789abcdeg"])
 def test_from_id_invalid_raises(daemon, dict_id):
     with pytest.raises(InvalidError, match="invalid dict id"):
@@ -295,6 +303,28 @@ def test_objects_create_allow_existing_keeps_entries(daemon):
     Dict.from_name(name)["key"] = "value"
     Dict.objects.create(name, allow_existing=True)
     assert Dict.from_name(name)["key"] == "value"
+
+
+def test_objects_create_race_has_one_winner(daemon):
+    name = unique("contested")
+    outcomes: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def create() -> None:
+        barrier.wait()
+        try:
+            Dict.objects.create(name)
+            outcomes.append("created")
+        except AlreadyExistsError:
+            outcomes.append("exists")
+
+    threads = [threading.Thread(target=create) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(outcomes) == ["created"] + ["exists"] * 5
 
 
 def test_objects_list_newest_first(daemon):

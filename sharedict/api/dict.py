@@ -177,7 +177,11 @@ class Dict:
     def _label(self) -> str:
         if self._name is not None:
             return f"dict {self._name!r}"
-        return f"ephemeral dict {_hex_id(self._id)}" if self._id else "ephemeral dict"
+        if self._id is None:
+            return "ephemeral dict"
+        if not self._environment_name:
+            return f"dict {_hex_id(self._id)}"  # a from_id handle before its first use
+        return f"ephemeral dict {_hex_id(self._id)}"
 
     def _look_up_now(self) -> None:
         """Look the dict up with a blocking call, or ask the operation that is encoding to do it."""
