@@ -165,8 +165,12 @@ class Client:
             try:
                 result = conn.request(request)
             except _NotSent:
+                # The daemon went away. The idle connections lead to the same daemon, so
+                # drop them all: otherwise each of them would use up one more attempt.
+                self.close()
                 continue
             except _ReplyLost:
+                self.close()
                 if request.write:
                     raise ConnectionLostError(
                         f"the connection to the daemon broke after {request.op} was sent; the write may or may "

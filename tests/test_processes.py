@@ -1,0 +1,371 @@
+"""Many processes and threads on one daemon: races, cold starts, forks and restarts.
+
+Child processes are forked with ``multiprocessing``, so they inherit the test's
+environment, which points them at the test's daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import daemon_pids, kill_pid, wait_until
+from sharedict import Dict
+from sharedict.api import protocol
+from sharedict.api.config import Settings
+from sharedict.api.errors import NotFoundError
+from sharedict.api.transport import Client, Request
+
+fork = multiprocessing.get_context("fork")
+
+BARRIER_TIMEOUT = 120.0
+JOIN_TIMEOUT = 180.0
+
+
+def _join_all(processes: list) -> None:
+    for process in processes:
+        process.join(timeout=JOIN_TIMEOUT)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _drain(queue, count: int) -> list:
+    """Collect ``count`` results, each sent by one child before it exits."""
+    return [queue.get(timeout=JOIN_TIMEOUT) for _ in range(count)]
+
+
+# Insert-if-absent under contention: one winner per key, whatever the timing.
+
+RACERS = 32
+ROUNDS = 50
+
+
+def _race(barrier, results, rounds: int) -> None:
+    outcomes = []
+    try:
+        race = Dict.from_name("race", create_if_missing=True)
+        for round_number in range(rounds):
+            barrier.wait()
+            outcomes.append(race.put(f"round-{round_number}", os.getpid(), skip_if_exists=True))
+    except BaseException:
+        results.put((os.getpid(), None, traceback.format_exc()))
+        barrier.abort()
+        return
+    results.put((os.getpid(), outcomes, None))
+
+
+def test_put_if_absent_race_has_one_winner(module_daemon):
+    Dict.from_name("race", create_if_missing=True).hydrate()
+    barrier = fork.Barrier(RACERS, timeout=BARRIER_TIMEOUT)
+    results = fork.Queue()
+    processes = [fork.Process(target=_race, args=(barrier, results, ROUNDS)) for _ in range(RACERS)]
+    for process in processes:
+        process.start()
+    reports = _drain(results, RACERS)
+    _join_all(processes)
+
+    errors = [error for _, _, error in reports if error is not None]
+    assert errors == []
+    race = Dict.from_name("race")
+    for round_number in range(ROUNDS):
+        winners = [pid for pid, outcomes, _ in reports if outcomes[round_number]]
+        assert len(winners) == 1, f"round {round_number}: winners {winners}"
+        assert race[f"round-{round_number}"] == winners[0]
+
+
+# Cold start: no daemon runs, and every client starts one at the same moment.
+
+COLD_STARTERS = 16
+
+
+@pytest.fixture
+def cold_paths(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Paths where no daemon runs yet; any daemon found on them at the end is stopped."""
+    socket_dir = tempfile.mkdtemp(prefix="sd-cold-", dir="/tmp")
+    data_dir = str(tmp_path / "data")
+    yield os.path.join(socket_dir, "sharedict.sock"), data_dir
+    for pid in daemon_pids(data_dir):
+        kill_pid(pid)
+    for name in os.listdir(socket_dir):
+        os.unlink(os.path.join(socket_dir, name))
+    os.rmdir(socket_dir)
+
+
+def _cold_start(barrier, results, socket_path: str, data_dir: str) -> None:
+    os.environ["SHAREDICT_SOCKET"] = socket_path
+    os.environ["SHAREDICT_DATA_DIR"] = data_dir
+    os.environ["SHAREDICT_AUTOSTART"] = "1"
+    try:
+        barrier.wait()
+        cold = Dict.from_name("cold", create_if_missing=True)
+        cold[os.getpid()] = "started"
+        results.put((os.getpid(), None))
+    except BaseException:
+        results.put((os.getpid(), traceback.format_exc()))
+
+
+def test_cold_start_ends_with_one_daemon(cold_paths):
+    socket_path, data_dir = cold_paths
+    barrier = fork.Barrier(COLD_STARTERS, timeout=BARRIER_TIMEOUT)
+    results = fork.Queue()
+    processes = [
+        fork.Process(target=_cold_start, args=(barrier, results, socket_path, data_dir))
+        for _ in range(COLD_STARTERS)
+    ]
+    for process in processes:
+        process.start()
+    reports = _drain(results, COLD_STARTERS)
+    _join_all(processes)
+
+    errors = [error for _, error in reports if error is not None]
+    assert errors == []
+    daemons = daemon_pids(data_dir)
+    assert len(daemons) == 1, f"daemon processes: {daemons}"
+    lock_pid = int(Path(data_dir, "daemon.lock").read_text())
+    assert daemons == [lock_pid]
+
+    client = Client(Settings(socket_path=socket_path, data_dir=data_dir, autostart=False))
+    cold = Dict.from_name("cold", client=client)
+    assert sorted(cold.keys()) == sorted(pid for pid, _ in reports)
+    client.close()
+
+
+# Threads: one handle, many threads at once.
+
+THREADS = 8
+THREAD_OPERATIONS = 60
+
+
+def test_threads_share_one_handle(module_daemon):
+    shared = Dict.from_name("threads", create_if_missing=True)
+    errors: list[str] = []
+    start = threading.Barrier(THREADS)
+
+    def hammer(thread_number: int) -> None:
+        try:
+            start.wait()
+            for i in range(THREAD_OPERATIONS):
+                key = (thread_number, i)
+                shared[key] = [thread_number, i]
+                assert shared[key] == [thread_number, i]
+                assert shared.put(key, "again", skip_if_exists=True) is False
+                if i % 3 == 0:
+                    assert shared.pop(key) == [thread_number, i]
+                    shared[key] = [thread_number, i]
+                shared.update({("counter", thread_number): i})
+        except BaseException:
+            errors.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=hammer, args=(number,)) for number in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert shared.len() == THREADS * THREAD_OPERATIONS + THREADS
+    for thread_number in range(THREADS):
+        assert shared[("counter", thread_number)] == THREAD_OPERATIONS - 1
+        for i in range(THREAD_OPERATIONS):
+            assert shared[(thread_number, i)] == [thread_number, i]
+
+
+# Fork: a child opens its own connection and leaves the parent's alone.
+
+
+def _run_in_fork(function) -> int:
+    """Run ``function`` in a forked child and return the child's exit status."""
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            function()
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _connection_count() -> int:
+    return Client.default().call(Request(protocol.STATUS))["connections"]
+
+
+def test_fork_child_gets_own_connection(daemon):
+    shared = Dict.from_name("fork", create_if_missing=True)
+    shared["parent"] = os.getpid()
+    parent_connections = _connection_count()
+
+    def child() -> None:
+        assert shared["parent"] == os.getppid()
+        shared["child"] = os.getpid()
+        # The parent's connection stays open in the parent, so the daemon now counts
+        # one more: the child's own.
+        assert _connection_count() == parent_connections + 1
+
+    assert _run_in_fork(child) == 0
+    assert shared["child"] != os.getpid()
+
+
+def test_fork_leaves_parent_connection_working(module_daemon):
+    shared = Dict.from_name("fork-parent", create_if_missing=True)
+    with Dict.ephemeral() as owned:
+        # An ephemeral dict dies with its owner's last connection, so it is still
+        # there afterwards only if the child never closed the parent's connection.
+        owned["parent"] = True
+
+        def child() -> None:
+            for i in range(50):
+                shared[f"child-{i}"] = i
+            Client.default().close()
+
+        assert _run_in_fork(child) == 0
+        assert owned["parent"] is True
+        assert shared["child-49"] == 49
+        shared["parent-after"] = "works"
+        assert shared["parent-after"] == "works"
+
+
+def test_fork_child_ephemeral_dict_is_its_own(module_daemon):
+    read_end, write_end = os.pipe()
+
+    def child() -> None:
+        with Dict.ephemeral() as scratch:
+            scratch["mine"] = True
+            os.write(write_end, scratch.object_id.encode())
+            # Exit without leaving the block: the daemon must clean up after the
+            # child's own connection, which closes when the child dies.
+            os._exit(0)
+
+    assert _run_in_fork(child) == 0
+    os.close(write_end)
+    dict_id = os.read(read_end, 100).decode()
+    os.close(read_end)
+
+    orphan = Dict.from_id(dict_id)
+
+    def orphan_deleted() -> bool:
+        try:
+            orphan.len()
+        except NotFoundError:
+            return True
+        return False
+
+    assert wait_until(orphan_deleted, timeout=30)
+
+
+def test_fork_during_threads_child_works(module_daemon):
+    shared = Dict.from_name("fork-threads", create_if_missing=True)
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            shared["busy"] = shared.get("busy", 0) + 1
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        statuses = [_run_in_fork(lambda: shared.put("from-child", os.getpid())) for _ in range(5)]
+    finally:
+        stop.set()
+        worker.join()
+    assert statuses == [0] * 5
+    assert "from-child" in shared
+
+
+# Visibility across processes.
+
+
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_other_process_sees_write_at_once(module_daemon):
+    shared = Dict.from_name("visible", create_if_missing=True)
+    shared["greeting"] = {"hello": "world"}
+    completed = _python(
+        "from sharedict import Dict; print(Dict.from_name('visible')['greeting'])",
+        {**os.environ, **module_daemon.env},
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "{'hello': 'world'}"
+
+
+def test_write_of_other_process_seen_at_once(module_daemon):
+    shared = Dict.from_name("visible", create_if_missing=True).hydrate()
+    completed = _python(
+        "import os; from sharedict import Dict; Dict.from_name('visible')['pid'] = os.getpid(); print(os.getpid())",
+        {**os.environ, **module_daemon.env},
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert shared["pid"] == int(completed.stdout)
+
+
+# Reconnecting after the daemon restarts.
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["graceful", "crash"])
+def test_client_reconnects_after_restart(daemon, crash):
+    shared = Dict.from_name("restart", create_if_missing=True)
+    shared["before"] = 1
+    daemon.restart(crash=crash)
+    assert shared["before"] == 1
+    shared["after"] = 2
+    assert shared["after"] == 2
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["graceful", "crash"])
+def test_client_write_first_after_restart(daemon, crash):
+    shared = Dict.from_name("restart", create_if_missing=True)
+    shared["before"] = 1
+    daemon.restart(crash=crash)
+    shared["after"] = 2
+    assert shared["after"] == 2
+
+
+def test_pooled_connections_reconnect_after_restart(daemon):
+    shared = Dict.from_name("restart", create_if_missing=True)
+    barrier = threading.Barrier(4)
+
+    def use() -> None:
+        barrier.wait()
+        shared["pool"] = shared.get("pool", 0)
+
+    threads = [threading.Thread(target=use) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    daemon.restart(crash=True)
+    for i in range(8):
+        shared[f"after-{i}"] = i
+    assert shared.len() == 9
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["graceful", "crash"])
+def test_async_client_reconnects_after_restart(daemon, crash):
+    async def scenario() -> int:
+        shared = Dict.from_name("restart-aio", create_if_missing=True)
+        await shared.put.aio("before", 1)
+        await asyncio.get_running_loop().run_in_executor(None, lambda: daemon.restart(crash=crash))
+        await shared.put.aio("after", 2)
+        return await shared.get.aio("before")
+
+    assert asyncio.run(scenario()) == 1
