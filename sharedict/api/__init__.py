@@ -1,4 +1,4 @@
-"""The user's side of sharedict: ``Dict``, its errors, and the transport to the daemon."""
+"""The user's side of sharedict: ``Dict``, ``Lock``, their errors, and the transport to the daemon."""
 
 from sharedict.api.dict import Dict, DictInfo
 from sharedict.api.errors import (
@@ -18,6 +18,7 @@ from sharedict.api.errors import (
     SerializationError,
     StorageFullError,
 )
+from sharedict.api.lock import Lock
 from sharedict.api.manager import DictManager
 from sharedict.api.transport import Client
 
@@ -34,6 +35,7 @@ __all__ = [
     "Error",
     "InternalError",
     "InvalidError",
+    "Lock",
     "LockNotOwnedError",
     "LockTimeoutError",
     "NotFoundError",

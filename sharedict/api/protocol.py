@@ -52,6 +52,11 @@ CLEAR = "clear"
 SCAN = "scan"
 STATUS = "status"
 SHUTDOWN = "shutdown"
+LOCK_ACQUIRE = "lock_acquire"
+LOCK_RELEASE = "lock_release"
+LOCK_EXTEND = "lock_extend"
+LOCK_CANCEL = "lock_cancel"
+LOCK_HELD = "lock_held"
 
 _packer_options = {"use_bin_type": True}
 _unpacker_options = {"raw": False, "strict_map_key": True}

@@ -27,6 +27,7 @@ from sharedict.api.config import Settings
 from sharedict.daemon import security
 from sharedict.daemon.connection import Connection
 from sharedict.daemon.handlers import Handlers
+from sharedict.daemon.locks import LockService
 from sharedict.engine import GroupCommitWriter, Store
 from sharedict.engine.store import Touch
 from sharedict.engine.sweeper import Sweeper
@@ -54,6 +55,7 @@ class Server:
         self.writer: GroupCommitWriter
         self.sweeper: Sweeper
         self.handlers: Handlers
+        self.locks: LockService
         self._connections: dict[int, Connection] = {}
         self._connections_lock = threading.Lock()
         self._extra_operations: dict[str, ExtraOperation] = {}
@@ -81,6 +83,8 @@ class Server:
             self.writer.start()
             self.sweeper = Sweeper(self.store, self.writer, settings.sweep_interval, on_idle=self.reap_ephemeral_dicts)
             self.handlers = Handlers(self)
+            self.locks = LockService(self.store, self.writer)
+            self.locks.start()
             self.reap_ephemeral_dicts()
             self.sweeper.start()
 
@@ -89,6 +93,8 @@ class Server:
             stack.callback(listener.close)
             self._install_signal_handlers()
             self.register_operation(protocol.SHUTDOWN, self._shutdown_request)
+            for op, handler in self.locks.operations.items():
+                self.register_operation(op, handler)
             logger.info(
                 "sharedict %s serving pid=%d socket=%s data_dir=%s expire_after=%s",
                 __version__,
@@ -150,6 +156,7 @@ class Server:
     def _shutdown(self) -> None:
         logger.info("stopping: finishing the commits in flight")
         self.sweeper.stop()
+        self.locks.stop()
         self.writer.stop()
         with self._connections_lock:
             connections = list(self._connections.values())
@@ -171,6 +178,7 @@ class Server:
     # Services for connections and handlers.
 
     def connection_closed(self, conn: Connection) -> None:
+        self.locks.connection_closed(conn)
         with self._connections_lock:
             self._connections.pop(conn.id, None)
             pid_still_connected = any(other.pid == conn.pid for other in self._connections.values())
@@ -249,6 +257,7 @@ class Server:
             "swept_entries": self.sweeper.swept_entries,
             "commits": self.writer.commits,
             "writes": self.writer.writes,
+            "locks": self.locks.status(),
         }
 
 
