@@ -9,13 +9,14 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
 from benchmarks import report, systems
 from benchmarks.results import Result, evaluate_goals
 from benchmarks.servers import Servers, redis_server_path
-from benchmarks.workloads import FULL, QUICK, WORKLOADS, Context, describe
+from benchmarks.workloads import FULL, QUICK, WORKLOADS, Context, Scale, describe
 
 
 def _names(text: str, allowed: Sequence[str], kind: str) -> list[str]:
@@ -37,7 +38,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="Small sizes and fewer repetitions: about a minute.")
     parser.add_argument(
         "--only",
-        type=lambda text: [name.upper() for name in _names(text.upper(), list(WORKLOADS), "workload")],
+        type=lambda text: sorted(_names(text.upper(), list(WORKLOADS), "workload"), key=list(WORKLOADS).index),
         default=list(WORKLOADS),
         metavar="W1,W3",
         help="Comma-separated workloads to run [default: all].",
@@ -51,6 +52,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", metavar="PATH", help="Write the results, machine and versions as JSON to PATH.")
     parser.add_argument("--charts", metavar="DIR", help="Write one PNG chart per workload to DIR (needs matplotlib).")
+    parser.add_argument(
+        "--markdown", metavar="PATH", help="Write the machine, versions and tables as Markdown to PATH."
+    )
     parser.add_argument(
         "--check-durability",
         action="store_true",
@@ -85,42 +89,53 @@ def _raise_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def run_workloads(arguments: argparse.Namespace, variants: Sequence[systems.Variant], root: str) -> list[Result]:
+def run_workloads(
+    arguments: argparse.Namespace, variants: Sequence[systems.Variant], root: str
+) -> tuple[list[Result], dict[str, str]]:
+    """Run the selected workloads; return their results and the error of each that failed.
+
+    A failing workload keeps the results it measured before the failure, and the run
+    goes on with the next workload, so one broken system does not void a long run.
+    """
     scale = QUICK if arguments.quick else FULL
     results: list[Result] = []
+    failures: dict[str, str] = {}
     for workload in arguments.only:
         print(f"{workload}: {describe(workload, scale)}", file=sys.stderr, flush=True)
         _, run = WORKLOADS[workload]
         started = time.monotonic()
-        with Servers(root) as servers:
-            context = Context(root, servers, scale, variants)
-            try:
+        context = None
+        try:
+            with Servers(root) as servers:
+                context = Context(root, servers, scale, variants)
                 run(context)
-            finally:
-                results.extend(context.results)
+        except Exception as exc:
+            failures[workload] = traceback.format_exc()
+            print(f"  {workload} failed: {exc!r}\n{failures[workload]}", file=sys.stderr, flush=True)
+        if context is not None:
+            results.extend(context.results)
         print(f"  {workload} took {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
-    return results
+    return results, failures
 
 
-def print_results(results: Sequence[Result], workloads: Sequence[str], scale_name: str) -> None:
-    scale = QUICK if scale_name == "quick" else FULL
+def result_sections(results: Sequence[Result], workloads: Sequence[str], scale: Scale) -> list[tuple[str, list[list[str]]]]:
+    """Return a titled table per workload that has results, then the goals."""
+    sections = []
     for workload in workloads:
         lines = report.table(results, workload)
-        if len(lines) < 2:
-            continue
-        print(f"\n{workload}: {describe(workload, scale)}")
-        print(report.render_text(lines))
-
+        if len(lines) > 1:
+            sections.append((f"{workload}: {describe(workload, scale)}", lines))
     outcomes = evaluate_goals(results)
     if outcomes:
-        print("\nGoals (ratios of figures measured in this run)")
-        print(report.render_text(report.goal_lines(outcomes)))
+        sections.append(("Goals (ratios of figures measured in this run)", report.goal_lines(outcomes)))
+    return sections
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     _raise_on_sigterm()
     variants = _select_variants(arguments.systems)
+    scale = QUICK if arguments.quick else FULL
     root = tempfile.mkdtemp(prefix="sharedict-bench-", dir=arguments.tmp_dir)
     document = report.environment(root, sys.argv[1:] if argv is None else list(argv))
     started = time.time()
@@ -130,32 +145,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             from benchmarks.durability import check_durability, finding_lines
 
             findings = check_durability(variants, root)
-            print(report.render_text(finding_lines(findings)))
-            document["durability"] = [
-                {**dataclasses.asdict(finding), "durable": finding.durable} for finding in findings
-            ]
+            sections = [("Durability: a sync call inside each write call, seen by strace", finding_lines(findings))]
+            document["durability"] = [{**dataclasses.asdict(finding), "durable": finding.durable} for finding in findings]
             status = 0 if all(finding.matches for finding in findings) else 1
         else:
-            results = run_workloads(arguments, variants, root)
-            print_results(results, arguments.only, "quick" if arguments.quick else "full")
-            document["scale"] = dataclasses.asdict(QUICK if arguments.quick else FULL)
+            results, failures = run_workloads(arguments, variants, root)
+            sections = result_sections(results, arguments.only, scale)
             document["scale_name"] = "quick" if arguments.quick else "full"
+            document["scale"] = dataclasses.asdict(scale)
+            document["descriptions"] = {workload: describe(workload, scale) for workload in arguments.only}
             document["results"] = results
             document["goals"] = [outcome.to_json() for outcome in evaluate_goals(results)]
-            document["descriptions"] = {
-                workload: describe(workload, QUICK if arguments.quick else FULL) for workload in arguments.only
-            }
+            document["failures"] = failures
             if arguments.charts:
                 from benchmarks.charts import write_charts
 
                 paths = write_charts(results, arguments.charts, document["descriptions"])
-                print(f"\nwrote {len(paths)} charts to {arguments.charts}", file=sys.stderr)
-            status = 0
+                print(f"wrote {len(paths)} charts to {arguments.charts}", file=sys.stderr)
+            status = 1 if failures else 0
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
+    for title, lines in sections:
+        print(f"\n{title}")
+        print(report.render_text(lines))
     document["seconds"] = round(time.time() - started, 1)
     if arguments.json:
         report.write_json(arguments.json, document)
         print(f"wrote {arguments.json}", file=sys.stderr)
+    if arguments.markdown:
+        report.write_markdown(arguments.markdown, document, sections)
+        print(f"wrote {arguments.markdown}", file=sys.stderr)
     return status

@@ -1,4 +1,4 @@
-"""What a run reports: the machine and versions, the table of figures, the goals, the JSON."""
+"""The report of a run: the machine and versions, the tables of figures, the goals, the JSON."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _memory_bytes() -> int | None:
 
 
 def _filesystem(path: str) -> str:
-    """Return the type of the filesystem that holds ``path``, from /proc/mounts."""
+    """Return the type of the filesystem that contains ``path``, from /proc/mounts."""
     best, kind = "", "unknown"
     try:
         mounts = Path("/proc/mounts").read_text().splitlines()
@@ -198,6 +198,28 @@ def _json_default(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def write_markdown(path: str, document: dict[str, Any], sections: Sequence[tuple[str, list[list[str]]]]) -> None:
+    """Write the environment of a run and its tables as Markdown, for docs/benchmarks.md."""
+    machine_facts = document["machine"]
+    found = document["versions"]
+    memory = machine_facts["memory_bytes"]
+    library_names = [name for name in LIBRARIES if found.get(name)]
+    lines = [
+        f"- machine: {machine_facts['cpu']}, {machine_facts['logical_cpus']} logical CPUs, "
+        + (f"{memory / (1 << 30):.1f} GiB memory" if memory else "memory unknown")
+        + f", Linux {machine_facts['kernel']}, data on {machine_facts['data_filesystem']}",
+        f"- Python {found['python']} ({found['python_implementation']})",
+        "- " + ", ".join(f"{name} {found[name]}" for name in library_names),
+        f"- redis-server {found['redis-server']}, SQLite {found['sqlite']}, LMDB {found['liblmdb']}",
+        f"- commit {document['commit']}",
+        f"- command: `{' '.join(document['command'])}`",
+    ]
+    for title, table_lines in sections:
+        lines += ["", f"### {title}", "", render_markdown(table_lines)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 def environment(data_root: str, arguments: Sequence[str]) -> dict[str, Any]:
