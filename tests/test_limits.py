@@ -267,3 +267,16 @@ def test_key_of_missing_module_raises(daemon, child_env, writer_only_module):
     assert d.name in message
     assert "key" in message
     assert "writer_only_shapes" in message
+
+
+def test_values_readable_despite_key_of_missing_module(daemon, child_env, writer_only_module):
+    d = fresh_dict()
+    run_python(
+        f"""
+        from sharedict import Dict
+        from writer_only_shapes import Square
+        Dict.from_name({d.name!r})[Square(3)] = "value"
+        """,
+        {**child_env, "PYTHONPATH": str(writer_only_module)},
+    )
+    assert list(d.values()) == ["value"]

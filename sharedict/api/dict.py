@@ -33,13 +33,21 @@ from sharedict.api.codec import (
     encode_update,
     encoding_in_operation,
 )
-from sharedict.api.errors import InvalidError, NotFoundError
+from sharedict.api.errors import DeserializationError, InvalidError, NotFoundError
 from sharedict.api.operation import Item, iteration, operation
 from sharedict.api.transport import Client, Request
 
 PAGE_SIZE = 1000
 _MISSING = object()
 _Encoded = TypeVar("_Encoded")
+
+
+class _UnreadableKey:
+    def __repr__(self) -> str:
+        return "<a key that cannot be unpickled here>"
+
+
+_UNREADABLE_KEY = _UnreadableKey()
 
 
 @dataclass(frozen=True)
@@ -402,16 +410,25 @@ class Dict:
         while True:
             entries, done = yield from self._request(protocol.SCAN, object_id, after_seq, PAGE_SIZE, True, values)
             for seq, key_data, value_data in entries:
+                if not keys:
+                    yield Item(self._decode_value_alone(key_data, value_data))
+                    continue
                 key = decode_stored_key(key_data, self._label)
-                if keys and values:
+                if values:
                     yield Item((key, decode_value(value_data, key, self._label)))
-                elif keys:
-                    yield Item(key)
                 else:
-                    yield Item(decode_value(value_data, key, self._label))
+                    yield Item(key)
             if done or not entries:
                 return
             after_seq = entries[-1][0]
+
+    def _decode_value_alone(self, key_data: bytes, value_data: bytes) -> Any:
+        """Decode a value for ``values()``, where a key that cannot be unpickled here must not fail."""
+        try:
+            key = decode_stored_key(key_data, self._label)
+        except DeserializationError:
+            key = _UNREADABLE_KEY  # only used to name the key if the value fails too
+        return decode_value(value_data, key, self._label)
 
     @iteration
     def keys(self) -> Generator[Any, Any, None]:
