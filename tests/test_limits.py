@@ -246,8 +246,10 @@ def test_value_of_missing_module_raises_in_get_and_pop(daemon, child_env, writer
     with pytest.raises(DeserializationError, match="writer_only_shapes"):
         d.get("square")
     assert "square" in d
-    with pytest.raises(DeserializationError, match="writer_only_shapes"):
+    with pytest.raises(DeserializationError, match="writer_only_shapes") as caught:
         d.pop("square")
+    assert "removed" in str(caught.value)
+    assert "square" not in d
 
 
 def test_key_of_missing_module_raises(daemon, child_env, writer_only_module):

@@ -382,7 +382,8 @@ class Dict:
         """Remove ``key`` and return its value in one step.
 
         A missing key returns ``default`` when one is given, and raises ``KeyError``
-        otherwise.
+        otherwise. A value that cannot be unpickled here raises ``DeserializationError``
+        after the entry was removed.
         """
         match_key, _ = yield from self._encode(encode_request_key, key, self._label)
         object_id = yield from self._hydrated()
@@ -391,7 +392,10 @@ class Dict:
             if default is _MISSING:
                 raise KeyError(key)
             return default
-        return decode_value(data, key, self._label)
+        try:
+            return decode_value(data, key, self._label)
+        except DeserializationError as exc:
+            raise DeserializationError(f"{exc}; pop() has removed the entry") from exc.__cause__
 
     @operation
     def __delitem__(self, key: Any) -> Generator[Request, Any, None]:
