@@ -10,6 +10,7 @@ goes to a backlog that a helper thread flushes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import pwd
@@ -59,6 +60,7 @@ class Connection:
         self._backlog_bytes = 0
         self._flushing = False
         self._closed = False
+        self._draining = False
         self.thread = threading.Thread(target=self.serve, name=f"sharedict-conn-{self.id}", daemon=True)
 
     # Receiving.
@@ -88,7 +90,10 @@ class Connection:
         except Exception:
             logger.exception("connection %d (pid %d) failed", self.id, self.pid)
         finally:
-            self.close()
+            # A stopping daemon closes the connection itself, once the writes in flight
+            # have been answered.
+            if not self._draining:
+                self.close()
 
     def _reject(self, replies: list[bytes], error: type[Exception], exc: Exception) -> None:
         """Answer the requests read before a bad frame, then the bad frame with request id 0.
@@ -231,6 +236,15 @@ class Connection:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def stop_reading(self) -> None:
+        """Read no more requests, and keep the connection open for the replies owed.
+
+        The client's next send fails at once, so it knows that request was not sent.
+        """
+        self._draining = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RD)
 
     def close(self) -> None:
         """Close the connection; replies still owed to it are dropped."""

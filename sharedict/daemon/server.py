@@ -106,6 +106,9 @@ class Server:
             if on_ready is not None:
                 on_ready()
             self._accept_loop(listener)
+            # Close the listener at once, so that new clients are refused instead of
+            # waiting in its backlog for a daemon that will never accept them.
+            listener.close()
             self._shutdown()
         logger.info("sharedict stopped pid=%d", os.getpid())
 
@@ -157,13 +160,19 @@ class Server:
         logger.info("stopping: finishing the commits in flight")
         self.sweeper.stop()
         self.locks.stop()
-        self.writer.stop()
         with self._connections_lock:
             connections = list(self._connections.values())
+
+        # Read no more requests, but finish those already read while the writer still
+        # runs, so that each of their writes is committed and acknowledged, not refused.
         for conn in connections:
-            conn._shutdown_socket()
+            conn.stop_reading()
         for conn in connections:
             conn.thread.join(timeout=5)
+
+        self.writer.stop()
+        for conn in connections:
+            conn.close()
 
     def _shutdown_request(self, conn: Connection, request_id: int, args: list[Any]) -> bytes:
         logger.info("shutdown requested by pid %d", conn.pid)
