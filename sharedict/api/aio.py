@@ -1,146 +1,284 @@
 """The async transport: one connection per event loop, many requests in flight on it.
 
-Each request gets an id and a future; the connection's protocol object resolves the
-future whose id a reply carries, so replies that arrive out of order never cross. A
-cancelled call forgets its future, and the reply that arrives later is dropped. The
-daemon applies every request whole, so a cancelled write happened completely or not at
-all.
+Guarantees:
+    * Each request carries an id, and the reply with that id resolves that request's
+      future, so replies that arrive in any order never cross.
+    * Requests made in one pass of the event loop are written to the socket together,
+      and every complete reply in what the socket returns is handled in one pass.
+    * Cancellation is safe. A cancelled call forgets its future; its request still goes
+      out if it was queued, and its reply is dropped when it arrives. So an operation
+      that catches the cancellation can queue a follow-up request (as ``Lock.acquire``
+      queues its withdrawal) before anything can interrupt it again. The daemon applies
+      each request whole, so a cancelled write happened completely or not at all.
+    * Retries follow the blocking transport: a request is sent again only when it
+      certainly did not reach the daemon, or when it is a read. A write whose connection
+      breaks after it was written raises ``ConnectionLostError``.
+    * A connection belongs to one event loop, used from that loop's thread only, and to
+      one process: after ``fork()`` the child opens its own. It closes when its loop
+      shuts down its async generators, as ``asyncio.run()`` and ``asyncio.Runner`` do.
+      The connection of a loop closed without that step is closed when the client next
+      opens a connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
+import logging
 import os
+import socket
+import threading
 import weakref
+from collections.abc import AsyncGenerator
 from typing import Any
+
+import msgpack
 
 from sharedict.api import protocol
 from sharedict.api.autostart import start_daemon
-from sharedict.api.errors import ConnectionLostError, DaemonUnavailableError
+from sharedict.api.errors import ConnectionLostError, DaemonUnavailableError, ProtocolError
 from sharedict.api.transport import Client, Request, reply_result
 
+logger = logging.getLogger(__name__)
+
 _NO_DAEMON_ERRORS = (errno.ENOENT, errno.ECONNREFUSED)
+# A request goes out at most this many times: a restarted daemon costs one attempt.
+_ATTEMPTS = 3
+_HEADER = protocol.HEADER
+
+
+class _NotSent(Exception):
+    """The request never left this process: it is safe to send it again."""
 
 
 class _ReplyLost(Exception):
-    pass
+    """The connection broke after the request was written."""
 
 
-class _Protocol(asyncio.Protocol):
-    def __init__(self, connection: AsyncConnection) -> None:
-        self.connection = connection
-        self.reader = protocol.FrameReader()
+class AsyncConnection(asyncio.Protocol):
+    """A connection of one event loop that carries many requests at once.
 
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        pending = self.connection.pending
-        try:
-            for body in self.reader.frames():
-                reply = protocol.decode_body(body)
-                future = pending.pop(reply[0], None) if isinstance(reply, list) and reply else None
-                if future is not None and not future.done():
-                    future.set_result(reply)
-        except (protocol.MalformedFrame, protocol.FrameTooLarge) as exc:
-            self.connection.fail(exc)
+    Only the loop's thread may use it. ``send()`` queues a request and returns the
+    future of its reply. The queued requests are written together once the loop has run
+    the tasks that are ready.
+    """
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.connection.fail(exc)
-
-
-class AsyncConnection:
-    """A connection bound to one event loop, carrying many requests at once."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         self.loop = loop
-        self.pending: dict[int, asyncio.Future[Any]] = {}
-        self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.server_info: dict[str, Any] = {}
+        self._sock = sock
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        # Frames not yet written, by request id, in the order of their requests.
+        self._unsent: dict[int, bytes] = {}
+        self._flush_scheduled = False
+        self._received = bytearray()
         self._next_id = 0
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._closer: AsyncGenerator[None, None] | None = None
 
-    async def open(self, socket_path: str) -> None:
-        self.transport, _ = await self.loop.create_unix_connection(lambda: _Protocol(self), socket_path)
-        await self.request(Request(protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid()))
+    @property
+    def in_flight(self) -> int:
+        """The number of requests written to the socket whose reply has not arrived."""
+        return sum(1 for request_id in self._pending if request_id not in self._unsent)
 
-    async def request(self, request: Request) -> Any:
-        if self.closed or self.transport is None or self.transport.is_closing():
-            raise _NotSentAsync
+    # Requests.
+
+    def send(self, request: Request) -> tuple[int, asyncio.Future[Any]]:
+        """Queue a request and return its id and the future of its reply.
+
+        Raises ``_NotSent`` when the connection is closed or closing.
+        """
+        if self.closed or self._transport is None or self._transport.is_closing():
+            self.closed = True
+            raise _NotSent
         self._next_id += 1
         request_id = self._next_id
-        future = self.loop.create_future()
-        self.pending[request_id] = future
-        header, body = protocol.encode_frame([request_id, request.op, *request.args])
-        if len(body) < 65536:
-            self.transport.write(header + body)
-        else:
-            self.transport.writelines([header, body])
-        if self.transport.is_closing():
-            # The send failed at once, typically because the daemon went away while
-            # this connection sat idle: nothing reached the daemon.
-            self.pending.pop(request_id, None)
-            self.closed = True
-            raise _NotSentAsync
-        try:
-            reply = await future
-        finally:
-            # A cancelled call leaves no future behind for its reply to find.
-            self.pending.pop(request_id, None)
-        return reply_result(reply, request_id)
+        body = self._packer.pack([request_id, request.op, *request.args])
+        if len(body) > protocol.MAX_FRAME_SIZE:
+            raise protocol.FrameTooLarge(len(body))
 
-    def fail(self, exc: BaseException | None) -> None:
+        future = self.loop.create_future()
+        self._pending[request_id] = future
+        self._unsent[request_id] = _HEADER.pack(len(body)) + body
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return request_id, future
+
+    def forget(self, request_id: int) -> None:
+        """Forget a cancelled request, so that its reply is dropped when it arrives."""
+        self._pending.pop(request_id, None)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self._transport
+        if not self._unsent:
+            return
+        if self.closed or transport is None or transport.is_closing():
+            self._fail_unsent()
+            return
+
+        buffered_before = transport.get_write_buffer_size()
+        unsent, self._unsent = self._unsent, {}
+        transport.write(b"".join(unsent.values()))
+        if transport.is_closing() and not buffered_before:
+            # write() found the socket broken at its first send, typically because the
+            # daemon closed it while this connection sat idle: nothing of these frames
+            # left the process.
+            self._unsent = unsent
+            self._fail_unsent()
+
+    def _fail_unsent(self) -> None:
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-        pending, self.pending = self.pending, {}
+        unsent, self._unsent = self._unsent, {}
+        for request_id in unsent:
+            future = self._pending.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(_NotSent())
+
+    # Replies.
+
+    def data_received(self, data: bytes) -> None:
+        received = self._received
+        received += data
+        start = 0
+        try:
+            with memoryview(received) as view:
+                while len(received) - start >= _HEADER.size:
+                    (size,) = _HEADER.unpack_from(received, start)
+                    if size > protocol.MAX_FRAME_SIZE:
+                        raise protocol.FrameTooLarge(size)
+                    end = start + _HEADER.size + size
+                    if end > len(received):
+                        break
+                    self._resolve(protocol.decode_body(view[start + _HEADER.size : end]))
+                    start = end
+        except (protocol.FrameTooLarge, protocol.MalformedFrame) as exc:
+            message = f"the daemon sent an invalid reply ({exc}); restart it with `sharedict stop`"
+            self._fail(lambda: ProtocolError(message))
+            return
+        del received[:start]
+
+    def _resolve(self, reply: Any) -> None:
+        if type(reply) is not list or not reply:
+            raise protocol.MalformedFrame("a reply must be an array of [request id, status, result]")
+        future = self._pending.pop(reply[0], None)
+        if future is not None:
+            if not future.done():
+                future.set_result(reply)
+        elif reply[0] == 0:
+            # The daemon rejected the connection as a whole and is closing it.
+            self._fail(lambda: _rejection(reply))
+        # Any other reply belongs to a cancelled call, and is dropped.
+
+    # Closing.
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(_ReplyLost)
+
+    def _fail(self, error: Any) -> None:
+        """Close, and fail every request: unsent ones with ``_NotSent``, sent ones with ``error()``."""
+        self._fail_unsent()
+        if self._transport is not None:
+            self._transport.close()
+        pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
-                future.set_exception(_ReplyLost(exc))
+                future.set_exception(error())
 
     def close(self) -> None:
-        self.fail(None)
+        """Close the connection; requests still in flight fail as if it broke."""
+        self.closed = True
+        if self.loop.is_closed():
+            # The transport can no longer run its callbacks; release the daemon's side.
+            self._sock.close()
+        elif self._transport is not None:
+            self._transport.close()
 
 
-class _NotSentAsync(Exception):
-    pass
+def _rejection(reply: list[Any]) -> Exception:
+    try:
+        return reply_result(reply, 0)
+    except Exception as exc:  # reply_result raises the error that the reply carries
+        return exc
 
 
-_connections: weakref.WeakKeyDictionary[Client, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]]
-_connections = weakref.WeakKeyDictionary()
+# Connections by client and event loop. A client's map lives in
+# ``client._async_connections``. Its value for a loop is the open connection, or the task
+# that is opening it, which every caller on that loop waits for.
+
+_lock = threading.Lock()
+_clients_with_connections: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
-async def _connection_for(client: Client) -> AsyncConnection:
-    loop = asyncio.get_running_loop()
-    per_loop = _connections.get(client)
-    if per_loop is None or getattr(client, "_aio_pid", None) != os.getpid():
-        per_loop = _connections[client] = weakref.WeakKeyDictionary()
-        client._aio_pid = os.getpid()  # type: ignore[attr-defined]
-    entry = per_loop.get(loop)
+def _connections_of(client: Client) -> dict[asyncio.AbstractEventLoop, Any]:
+    connections = client._async_connections
+    if connections is None:
+        with _lock:
+            connections = client._async_connections
+            if connections is None:
+                connections = client._async_connections = {}
+                _clients_with_connections.add(client)
+    return connections
+
+
+def _forget_connections_after_fork() -> None:
+    # The child must not use the parent's sockets. It leaves them open, because closing
+    # its copies would not close the parent's connections anyway.
+    global _lock
+    _lock = threading.Lock()
+    for client in list(_clients_with_connections):
+        client._async_connections = None
+    _clients_with_connections.clear()
+
+
+os.register_at_fork(after_in_child=_forget_connections_after_fork)
+
+
+async def _connection(client: Client, loop: asyncio.AbstractEventLoop) -> AsyncConnection:
+    """Return the loop's open connection, opening it first if needed."""
+    connections = _connections_of(client)
+    entry = connections.get(loop)
     if isinstance(entry, AsyncConnection) and not entry.closed:
         return entry
-    if isinstance(entry, asyncio.Future):
-        # Another task of this loop is connecting; share its connection.
-        return await asyncio.shield(entry)
+    if not isinstance(entry, asyncio.Task):
+        # The opening runs as a task of its own, so that a caller that is cancelled
+        # meanwhile does not cancel it for the others.
+        entry = loop.create_task(_open(client, loop), name="sharedict-connect")
+        entry.add_done_callback(functools.partial(_opened, connections, loop))
+        with _lock:
+            _close_connections_of_closed_loops(connections)
+            connections[loop] = entry
+    return await asyncio.shield(entry)
 
-    opening: asyncio.Future[AsyncConnection] = loop.create_future()
-    per_loop[loop] = opening
-    try:
-        conn = await _open(client, loop)
-    except BaseException as exc:
-        per_loop.pop(loop, None)
-        opening.set_exception(exc)
-        opening.exception()  # mark it retrieved when nobody else waits
-        raise
-    per_loop[loop] = conn
-    opening.set_result(conn)
-    return conn
+
+def _opened(connections: dict[asyncio.AbstractEventLoop, Any], loop: asyncio.AbstractEventLoop, task: asyncio.Task[AsyncConnection]) -> None:
+    with _lock:
+        if connections.get(loop) is not task:
+            return
+        if task.cancelled() or task.exception() is not None:
+            del connections[loop]  # the next call tries again
+        else:
+            connections[loop] = task.result()
+
+
+def _close_connections_of_closed_loops(connections: dict[asyncio.AbstractEventLoop, Any]) -> None:
+    for loop in [loop for loop in connections if loop.is_closed()]:
+        entry = connections.pop(loop)
+        if isinstance(entry, AsyncConnection):
+            entry.close()
 
 
 async def _open(client: Client, loop: asyncio.AbstractEventLoop) -> AsyncConnection:
     settings = client.settings
-    conn = AsyncConnection(loop)
     try:
-        await conn.open(settings.socket_path)
-        return conn
+        return await _connect(loop, settings.socket_path)
     except OSError as exc:
         if exc.errno not in _NO_DAEMON_ERRORS:
             raise DaemonUnavailableError(f"cannot connect to the daemon on {settings.socket_path}: {exc}") from exc
@@ -149,19 +287,62 @@ async def _open(client: Client, loop: asyncio.AbstractEventLoop) -> AsyncConnect
             f"no sharedict daemon is running on {settings.socket_path}; start one with `sharedict serve`, "
             "or unset SHAREDICT_AUTOSTART=0 to let clients start it"
         )
+
     await loop.run_in_executor(None, start_daemon, settings, client.daemon_is_up)
-    conn = AsyncConnection(loop)
-    await conn.open(settings.socket_path)
+    try:
+        return await _connect(loop, settings.socket_path)
+    except OSError as exc:
+        raise DaemonUnavailableError(
+            f"the daemon started but refuses connections on {settings.socket_path}: {exc}"
+        ) from exc
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, socket_path: str) -> AsyncConnection:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn = AsyncConnection(loop, sock)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, socket_path)
+        await loop.create_unix_connection(lambda: conn, sock=sock)
+        request_id, future = conn.send(Request(protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid()))
+        try:
+            conn.server_info = reply_result(await future, request_id)
+        except (_NotSent, _ReplyLost):
+            raise ConnectionResetError(errno.ECONNRESET, "the daemon closed the connection at once") from None
+        conn._closer = _close_at_loop_shutdown(conn)
+        await conn._closer.__anext__()
+    except BaseException:
+        conn.close()
+        raise
+    logger.debug("connected to the daemon on %s, pid %s", socket_path, conn.server_info.get("pid"))
     return conn
 
 
+async def _close_at_loop_shutdown(conn: AsyncConnection) -> AsyncGenerator[None, None]:
+    # The loop finalizes this generator when it shuts down its async generators, the one
+    # hook that asyncio.run() and asyncio.Runner call before they close a loop.
+    try:
+        yield
+    finally:
+        conn.close()
+
+
 async def call_async(client: Client, request: Request) -> Any:
-    """Send a request on the event loop's connection and return its result."""
-    for _ in range(3):
-        conn = await _connection_for(client)
+    """Send a request on the running loop's connection and return its result."""
+    loop = asyncio.get_running_loop()
+    for _ in range(_ATTEMPTS):
+        connections = client._async_connections
+        conn = connections.get(loop) if connections is not None else None
+        if type(conn) is not AsyncConnection or conn.closed:
+            conn = await _connection(client, loop)
+
         try:
-            return await conn.request(request)
-        except _NotSentAsync:
+            request_id, future = conn.send(request)
+        except _NotSent:
+            continue
+        try:
+            reply = await future
+        except _NotSent:
             continue
         except _ReplyLost:
             if request.write:
@@ -170,4 +351,15 @@ async def call_async(client: Client, request: Request) -> Any:
                     "not have been applied, so read the entry to find out"
                 ) from None
             continue
+        except BaseException:
+            conn.forget(request_id)  # cancelled
+            raise
+        return reply_result(reply, request_id)
     raise DaemonUnavailableError(f"the daemon on {client.settings.socket_path} closed every connection; check its log")
+
+
+def in_flight(client: Client) -> int:
+    """Return how many requests the running loop's connection has written and awaits replies to."""
+    connections = client._async_connections or {}
+    conn = connections.get(asyncio.get_running_loop())
+    return conn.in_flight if isinstance(conn, AsyncConnection) else 0
