@@ -277,6 +277,11 @@ def test_get_repr_and_json(run, name):
     assert json.loads(run("get", name, "k", "--json")[1]) == {"when": [1, 2], "ratio": "nan"}
 
 
+def test_get_lone_surrogate_escaped(run, name):
+    Dict.from_name(name, create_if_missing=True)["k"] = "bad \udcff text"
+    assert run("get", name, "k") == (0, "bad \\udcff text\n", "")
+
+
 def test_get_unreadable_value_fails(run, name, foreign_env):
     run_python(
         f"""
@@ -686,6 +691,17 @@ def test_export_progress_on_terminal(run, name, tmp_path, monkeypatch):
     code, _, err = run("export", name, str(tmp_path / "progress.sdx"))
     assert code == 0
     assert f"exporting dict {name}" in err
+
+
+def test_import_progress_on_terminal(run, name, tmp_path, monkeypatch):
+    filled(name, 10)
+    path = str(tmp_path / "progress.sdx")
+    run("export", name, path)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    code, _, err = run("import", name + "-copy", path)
+    assert code == 0
+    assert "checking progress.sdx" in err
+    assert f"importing into dict {name}-copy" in err
 
 
 def test_import_into_nonempty_dict_fails(run, name, tmp_path):
