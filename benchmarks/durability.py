@@ -1,12 +1,13 @@
 """Check with strace whether each variant makes a write durable before the call returns.
 
 A probe process sets keys one at a time and records the wall-clock time before and after
-each call. The process that does the disk I/O runs under ``strace -f -ttt -T``, which
-logs every sync call (fsync, fdatasync, msync, sync_file_range) with its start time and
-duration: the server for sharedict and Redis, the probe itself for the embedded stores.
-A write counts as durable when a sync call started after the call began and finished
-before it returned. That is the behaviour of the configuration measured, whatever the
-documentation says.
+each call. The process that does the disk I/O runs under ``strace -f -ttt -T``: the server
+for sharedict and Redis, the probe itself for the embedded stores. strace logs the start
+time and duration of every sync call (fsync, fdatasync, msync, sync_file_range) and every
+write of that process. A write to a file opened with O_DSYNC or O_SYNC counts as a sync
+call too. A write counts as durable when a sync call started after the call began and
+finished before it returned. That is the behaviour of the configuration measured,
+whatever the documentation says.
 
 strace timestamps and ``time.time()`` both read CLOCK_REALTIME, so the two logs compare.
 """
@@ -34,53 +35,89 @@ from benchmarks.systems import StoreSpec, Variant
 PROBE_WRITES = 200
 PROBE_WARM_UP = 10
 SYNC_CALLS = ("fsync", "fdatasync", "msync", "sync_file_range", "syncfs", "sync")
+# A write to a file opened with O_DSYNC or O_SYNC returns only once it is on disk, as if an
+# fdatasync followed it; LMDB writes its meta page that way.
+WRITE_CALLS = ("write", "pwrite64", "writev", "pwritev")
+TRACED_CALLS = (*SYNC_CALLS, *WRITE_CALLS, "openat")
 PROBE_TIMEOUT = 300.0
 
 # Lines of `strace -f -ttt -T -y`: "PID SECONDS NAME(ARGS) = RESULT <DURATION>", or a call
 # split in two by another thread: "... NAME(ARGS <unfinished ...>" then
-# "PID SECONDS <... NAME resumed>...) = RESULT <DURATION>".
+# "PID SECONDS <... NAME resumed>ARGS) = RESULT <DURATION>".
 _COMPLETE = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+(\w+)\((.*)\)\s+=\s+(-?\d+).*<(\d+\.\d+)>$")
 _UNFINISHED = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+(\w+)\((.*)<unfinished \.\.\.>$")
-_RESUMED = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+<\.\.\. (\w+) resumed>.*=\s+(-?\d+).*<(\d+\.\d+)>$")
+_RESUMED = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+<\.\.\. (\w+) resumed>(.*)\)\s+=\s+(-?\d+).*<(\d+\.\d+)>$")
 _PATH = re.compile(r"<([^>]*)>")
+_FIRST_NUMBER = re.compile(r"^(\d+)")
 
 
 def strace_command(trace_path: str) -> list[str]:
-    return ["strace", "-f", "-ttt", "-T", "-y", "-e", "trace=" + ",".join(SYNC_CALLS), "-o", trace_path, "--"]
+    return ["strace", "-f", "-ttt", "-T", "-y", "-e", "trace=" + ",".join(TRACED_CALLS), "-o", trace_path, "--"]
 
 
 @dataclass(frozen=True)
 class SyncCall:
+    """A call that returned only once data was on disk: a sync call, or a write to an O_DSYNC file."""
+
     name: str
     started: float
     finished: float
     path: str
 
 
-def parse_trace(text: str) -> list[SyncCall]:
-    """Return the sync calls of an strace log that succeeded, sorted by start time."""
+@dataclass(frozen=True)
+class _Call:
+    name: str
+    arguments: str
+    result: int
+    started: float
+    finished: float
+
+
+def _calls(text: str) -> list[_Call]:
     calls = []
     unfinished: dict[tuple[str, str], tuple[float, str]] = {}
     for line in text.splitlines():
         match = _COMPLETE.match(line)
         if match:
             _, started, name, arguments, result, duration = match.groups()
-            if int(result) == 0:
-                calls.append(SyncCall(name, float(started), float(started) + float(duration), _path(arguments)))
+            calls.append(_Call(name, arguments, int(result), float(started), float(started) + float(duration)))
             continue
         match = _UNFINISHED.match(line)
         if match:
             pid, started, name, arguments = match.groups()
-            unfinished[(pid, name)] = (float(started), _path(arguments))
+            unfinished[(pid, name)] = (float(started), arguments)
             continue
         match = _RESUMED.match(line)
         if match:
-            pid, resumed, name, result, duration = match.groups()
-            started_at, path = unfinished.pop((pid, name), (None, ""))
-            if started_at is not None and int(result) == 0:
-                calls.append(SyncCall(name, started_at, max(float(resumed), started_at + float(duration)), path))
+            pid, resumed, name, rest, result, duration = match.groups()
+            if (pid, name) in unfinished:
+                started_at, arguments = unfinished.pop((pid, name))
+                finished = max(float(resumed), started_at + float(duration))
+                calls.append(_Call(name, arguments + rest, int(result), started_at, finished))
     calls.sort(key=lambda call: call.started)
     return calls
+
+
+def parse_trace(text: str) -> list[SyncCall]:
+    """Return the calls of an strace log that made data durable, sorted by start time."""
+    synchronous_fds: set[int] = set()
+    durable = []
+    for call in _calls(text):
+        if call.result < 0:
+            continue
+        if call.name == "openat":
+            if "O_DSYNC" in call.arguments or "O_SYNC" in call.arguments:
+                synchronous_fds.add(call.result)
+            else:
+                synchronous_fds.discard(call.result)  # the number was closed and reused
+        elif call.name in SYNC_CALLS:
+            durable.append(SyncCall(call.name, call.started, call.finished, _path(call.arguments)))
+        elif call.name in WRITE_CALLS:
+            fd = _FIRST_NUMBER.match(call.arguments)
+            if fd and int(fd.group(1)) in synchronous_fds:
+                durable.append(SyncCall(f"{call.name} O_DSYNC", call.started, call.finished, _path(call.arguments)))
+    return durable
 
 
 def _path(arguments: str) -> str:
@@ -90,14 +127,16 @@ def _path(arguments: str) -> str:
 
 @dataclass(frozen=True)
 class Finding:
-    """What strace showed for one variant."""
+    """The strace evidence for one variant."""
 
     variant: str
     declared_durable: bool
     writes: int
     durable_writes: int
     sync_calls: int
+    """Sync calls, and writes to O_DSYNC files, between the first write and the last return."""
     synced_files: list[str]
+    """Each such call with the file it made durable, such as ``fdatasync data.mdb``."""
 
     @property
     def durable(self) -> bool:
@@ -168,13 +207,16 @@ def check_durability(variants: Sequence[Variant], root: str) -> list[Finding]:
 
 
 def finding_lines(findings: Sequence[Finding]) -> list[list[str]]:
-    lines = [["system", "declared", "measured", "writes with a sync inside the call", "sync calls", "synced"]]
+    lines = [["system", "declared", "measured", "writes with a sync inside the call", "durable calls", "calls"]]
     for finding in findings:
+        measured = "durable" if finding.durable else "not durable"
+        if not finding.matches:
+            measured += " (MISMATCH)"
         lines.append(
             [
                 finding.variant,
                 "durable" if finding.declared_durable else "not durable",
-                ("durable" if finding.durable else "not durable") + ("" if finding.matches else " (MISMATCH)"),
+                measured,
                 f"{finding.durable_writes} of {finding.writes}",
                 str(finding.sync_calls),
                 ", ".join(finding.synced_files) or "-",
