@@ -129,6 +129,13 @@ def run_on_terminal(args: list[str], env: dict[str, str], answer: bytes) -> subp
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
+class BrokenStr:
+    """A value whose ``str()`` raises, as a buggy class of a user's program may."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("broken")
+
+
 def filled(name: str, count: int, **options) -> Dict:
     handle = Dict.from_name(name, create_if_missing=True, **options)
     handle.update({f"k{i}": i for i in range(count)})
@@ -355,6 +362,19 @@ def test_items_value_cut_to_one_line(run, name):
     rows = out.splitlines()[2:]
     assert rows[0].split(None, 1)[1] == "first\\nsecond\\tthird\\x1b[31m"
     assert rows[1].split(None, 1)[1] == "x" * 80 + "..."
+
+
+def test_items_broken_str_shown(run, name):
+    Dict.from_name(name, create_if_missing=True)["k"] = BrokenStr()
+    code, out, _ = run("items", name)
+    assert code == 0
+    assert out.splitlines()[2].split(None, 1)[1] == "<BrokenStr object: str() raised RuntimeError>"
+
+
+def test_items_line_separator_escaped(run, name):
+    Dict.from_name(name, create_if_missing=True)["k"] = "one\u2028two"
+    _, out, _ = run("items", name)
+    assert out.splitlines()[2].split(None, 1)[1] == "one\\u2028two"
 
 
 def test_items_repr(run, name):

@@ -22,6 +22,8 @@ CELL_WIDTH = 80
 """Characters of a key or value shown in a table cell, before ``...``."""
 
 _CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Control characters, lone surrogates, and the Unicode line and paragraph separators.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
 
 class Unreadable:
@@ -86,7 +88,7 @@ def load_stored_value(data: bytes) -> Any:
 def _escape(char: str) -> str:
     if char in _CONTROL_ESCAPES:
         return _CONTROL_ESCAPES[char]
-    if unicodedata.category(char) in ("Cc", "Cs"):
+    if unicodedata.category(char) in _ESCAPED_CATEGORIES:
         code = ord(char)
         return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
     return char
@@ -110,11 +112,15 @@ def one_line(text: str, limit: int = CELL_WIDTH) -> str:
 
 def cell_text(obj: Any, use_repr: bool) -> str:
     """Return the one-line text of a key or value in a table: ``str()``, or ``repr()`` with ``use_repr``."""
+    return one_line(_text(obj, use_repr))
+
+
+def _text(obj: Any, use_repr: bool) -> str:
     try:
-        text = repr(obj) if use_repr else str(obj)
+        return repr(obj) if use_repr else str(obj)
     except Exception as exc:  # a broken __str__ of a stored object must not stop the listing
-        text = f"<{type(obj).__name__} object: str() raised {type(exc).__name__}>"
-    return one_line(text)
+        function = "repr" if use_repr else "str"
+        return f"<{type(obj).__name__} object: {function}() raised {type(exc).__name__}>"
 
 
 def to_json(obj: Any, use_repr: bool = False) -> Any:
@@ -155,12 +161,8 @@ def _to_json(obj: Any, use_repr: bool, active: set[int]) -> Any:
 
 
 def _fallback_text(obj: Any, use_repr: bool) -> str:
-    if isinstance(obj, bytes):
-        return repr(obj)
-    try:
-        return repr(obj) if use_repr else str(obj)
-    except Exception as exc:
-        return f"<{type(obj).__name__} object: str() raised {type(exc).__name__}>"
+    # str() of bytes returns their repr() but warns under `python -b`, so bytes use repr().
+    return _text(obj, use_repr=True) if isinstance(obj, bytes) else _text(obj, use_repr)
 
 
 def encodable(text: str) -> str:
