@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import signal
 import sys
@@ -170,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{title}")
         print(report.render_text(lines))
     document["seconds"] = round(time.time() - started, 1)
+    document["machine"]["load_average_at_end"] = os.getloadavg()
     if arguments.json:
         report.write_json(arguments.json, document)
         print(f"wrote {arguments.json}", file=sys.stderr)

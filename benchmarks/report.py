@@ -66,6 +66,8 @@ def machine(data_root: str) -> dict[str, Any]:
         "memory_bytes": _memory_bytes(),
         "kernel": platform.release(),
         "data_filesystem": _filesystem(data_root),
+        # Other programs running at the same time skew every figure; this shows how busy the machine was.
+        "load_average_at_start": os.getloadavg(),
     }
 
 
@@ -210,6 +212,8 @@ def write_markdown(path: str, document: dict[str, Any], sections: Sequence[tuple
         f"- machine: {machine_facts['cpu']}, {machine_facts['logical_cpus']} logical CPUs, "
         + (f"{memory / (1 << 30):.1f} GiB memory" if memory else "memory unknown")
         + f", Linux {machine_facts['kernel']}, data on {machine_facts['data_filesystem']}",
+        f"- load average (1, 5, 15 min) at the start {_load(machine_facts['load_average_at_start'])}, "
+        f"at the end {_load(machine_facts.get('load_average_at_end'))}",
         f"- Python {found['python']} ({found['python_implementation']})",
         "- " + ", ".join(f"{name} {found[name]}" for name in library_names),
         f"- redis-server {found['redis-server']}, SQLite {found['sqlite']}, LMDB {found['liblmdb']}",
@@ -220,6 +224,10 @@ def write_markdown(path: str, document: dict[str, Any], sections: Sequence[tuple
         lines += ["", f"### {title}", "", render_markdown(table_lines)]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+def _load(averages: Sequence[float] | None) -> str:
+    return ", ".join(f"{average:.1f}" for average in averages) if averages else "unknown"
 
 
 def environment(data_root: str, arguments: Sequence[str]) -> dict[str, Any]:
