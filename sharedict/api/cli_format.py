@@ -1,7 +1,7 @@
 """How the ``sharedict`` command shows keys, values, sizes and times.
 
-The CLI reads entries that any program stored, so showing them must never fail. A key or
-value whose class cannot be imported here becomes an ``Unreadable`` placeholder that
+The CLI reads entries that any program stored, so no single entry may stop a listing. A key
+or value whose class cannot be imported here becomes an ``Unreadable`` placeholder that
 names the missing class. JSON output turns whatever JSON cannot encode into a readable
 string.
 """
