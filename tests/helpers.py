@@ -7,6 +7,7 @@ does so for a condition, with a deadline, never for a fixed time.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -65,14 +66,25 @@ def run_serve(socket_path: str, data_dir: str, *extra_args: str) -> subprocess.C
     )
 
 
-def start_serve(socket_path: str, data_dir: str, log_path: str, *extra_args: str) -> subprocess.Popen[bytes]:
-    """Start ``sharedict serve`` and return once it accepts connections."""
+def start_serve(
+    socket_path: str, data_dir: str, log_path: str, *extra_args: str, max_open_files: int | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``sharedict serve`` and return once it accepts connections.
+
+    ``max_open_files`` lowers the daemon's limit of file descriptors.
+    """
+
+    def limit_open_files() -> None:
+        if max_open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
+
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             serve_command(socket_path, data_dir, "--log-level", "DEBUG", *extra_args),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
+            preexec_fn=limit_open_files,
         )
     if not wait_until(lambda: socket_accepts(socket_path) or process.poll() is not None):
         process.kill()

@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import shutil
 import socket
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import start_serve, stop_process, wait_until
 from sharedict import Dict
 from sharedict.api import protocol
 from sharedict.api.errors import CODE_BY_ERROR, ProtocolError, RequestSizeError
@@ -533,6 +536,32 @@ def test_idle_connections_do_not_block_others(daemon, bystander):
     assert bystander.errors == []
     for connection in connections:
         connection.close()
+
+
+def test_daemon_out_of_file_descriptors_recovers(tmp_path):
+    socket_dir = tempfile.mkdtemp(prefix="sd-fd-", dir="/tmp")
+    socket_path = os.path.join(socket_dir, "sharedict.sock")
+    log_path = tmp_path / "daemon.log"
+    process = start_serve(socket_path, str(tmp_path / "data"), str(log_path), max_open_files=64)
+    connections = []
+    try:
+        # The listen backlog takes the connections that the daemon has no descriptor for.
+        connections = [RawConnection(socket_path) for _ in range(100)]
+        assert wait_until(lambda: "cannot accept" in log_path.read_text())
+        waiting = connections.pop()
+        for connection in connections:
+            connection.close()
+        waiting.hello()
+        assert waiting.call(2, protocol.STATUS)[1] == protocol.STATUS_OK
+        waiting.close()
+
+        # A daemon that retried at once would log thousands of warnings a second.
+        assert log_path.read_text().count("cannot accept") < 10
+    finally:
+        for connection in connections:
+            connection.close()
+        stop_process(process)
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def test_client_that_never_reads_replies(daemon, bystander, dict_id):

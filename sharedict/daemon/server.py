@@ -34,6 +34,10 @@ from sharedict.engine.sweeper import Sweeper
 
 logger = logging.getLogger(__name__)
 
+# How long the accept loop pauses when it runs out of file descriptors or threads.
+ACCEPT_RETRY_DELAY = 0.1
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
 ExtraOperation = Callable[[Connection, int, list[Any]], "bytes | None"]
 
 
@@ -61,6 +65,7 @@ class Server:
         self._extra_operations: dict[str, ExtraOperation] = {}
         self._wakeup_read, self._wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = threading.Event()
+        self._accept_failing = False
 
     # Life cycle.
 
@@ -131,30 +136,55 @@ class Server:
             selector.register(self._wakeup_read, selectors.EVENT_READ)
             while not self._stopping.is_set():
                 for key, _ in selector.select():
-                    if key.fileobj is listener:
-                        self._accept(listener)
+                    if key.fileobj is listener and not self._accept(listener):
+                        # The listener stays readable while the daemon is out of file
+                        # descriptors or threads, so wait for connections to close
+                        # instead of spinning on it.
+                        self._stopping.wait(ACCEPT_RETRY_DELAY)
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket) -> bool:
+        """Accept the waiting connections; return False when out of resources to serve them."""
         while True:
             try:
                 sock, _ = listener.accept()
             except BlockingIOError:
-                return
+                return True
+            except ConnectionAbortedError:
+                continue
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    logger.warning("cannot accept a connection: %s", exc)
-                    return
-                raise
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                self._accept_failed(f"cannot accept a connection: {exc}")
+                return False
+
             sock.setblocking(True)
             pid, uid, _ = security.peer_credentials(sock)
             if uid != os.getuid():
                 logger.warning("rejected a connection from pid %d of uid %d; only uid %d may connect", pid, uid, os.getuid())
                 sock.close()
                 continue
+
             conn = Connection(self, sock, pid, uid)
             with self._connections_lock:
                 self._connections[conn.id] = conn
-            conn.thread.start()
+            try:
+                conn.thread.start()
+            except RuntimeError as exc:  # the system refused another thread
+                with self._connections_lock:
+                    del self._connections[conn.id]
+                sock.close()
+                self._accept_failed(f"cannot start a thread for connection {conn.id} of pid {pid}: {exc}")
+                return False
+
+            if self._accept_failing:
+                self._accept_failing = False
+                logger.info("accepting connections again")
+
+    def _accept_failed(self, message: str) -> None:
+        # Warn once per spell of failures: the retries come every ACCEPT_RETRY_DELAY.
+        if not self._accept_failing:
+            self._accept_failing = True
+            logger.warning("%s; new clients wait until connections close", message)
 
     def _shutdown(self) -> None:
         logger.info("stopping: finishing the commits in flight")
