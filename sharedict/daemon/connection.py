@@ -18,6 +18,8 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+
 from sharedict.api import protocol
 from sharedict.api.errors import CODE_BY_ERROR, ProtocolError, RequestSizeError
 from sharedict.daemon.handlers import RequestError, error_code
@@ -82,6 +84,9 @@ class Connection:
         self._flushing = False
         self._closed = False
         self._draining = False
+        # Only the connection's thread uses this packer: a Packer is not thread-safe, and
+        # reusing one costs less than msgpack.packb() setting one up for every reply.
+        self._packer = msgpack.Packer(use_bin_type=True)
         self.thread = threading.Thread(target=self.serve, name=f"sharedict-conn-{self.id}", daemon=True)
 
     # Receiving.
@@ -143,7 +148,7 @@ class Connection:
         try:
             read = handlers.reads.get(op)
             if read is not None:
-                return protocol.encode_frame_bytes([request_id, protocol.STATUS_OK, read(self, args)])
+                return self._read_reply(request_id, read(self, args))
             write = handlers.writes.get(op)
             if write is not None:
                 function, size = write(self, args)
@@ -188,6 +193,10 @@ class Connection:
             self.send(frame)
 
         return reply
+
+    def _read_reply(self, request_id: int, result: Any) -> bytes:
+        body = self._packer.pack([request_id, protocol.STATUS_OK, result])
+        return protocol.HEADER.pack(len(body)) + body
 
     @staticmethod
     def _error_frame(request_id: int, error: type[Exception], message: str) -> bytes:
