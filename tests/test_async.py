@@ -21,8 +21,16 @@ from typing import Any
 import pytest
 
 import sharedict
-from sharedict import AlreadyExistsError, AsyncUsageWarning, ConnectionLostError, Dict, NotFoundError
+from sharedict import (
+    AlreadyExistsError,
+    AsyncUsageWarning,
+    ConnectionLostError,
+    DaemonUnavailableError,
+    Dict,
+    NotFoundError,
+)
 from sharedict.api import aio, operation, protocol
+from sharedict.api.config import Settings
 from sharedict.api.dict import PAGE_SIZE
 from sharedict.api.transport import Client, Request
 
@@ -262,7 +270,30 @@ def test_one_connection_per_loop(kv: Dict) -> None:
     assert asyncio.run(main()) == baseline + 1
 
 
+def test_no_daemon_raises_daemon_unavailable(tmp_path) -> None:
+    settings = Settings(socket_path=str(tmp_path / "absent.sock"), data_dir=str(tmp_path / "data"), autostart=False)
+    handle = Dict.from_name("kv", client=Client(settings))
+    blocking = _outcome(lambda: handle.get("k"))
+    awaited = _outcome(lambda: asyncio.run(handle.get.aio("k")))
+
+    assert awaited[:2] == ("raised", DaemonUnavailableError)
+    assert awaited == blocking
+
+
 # Cancellation: the connection stays usable and no call reads another call's reply.
+
+
+def test_caller_cancelled_while_connecting_leaves_others(kv: Dict) -> None:
+    kv["k"] = "v"
+
+    async def main() -> list[Any]:
+        tasks = [asyncio.create_task(kv.get.aio("k")) for _ in range(20)]
+        await asyncio.sleep(0)  # every task now waits for the connection being opened
+        tasks[0].cancel()
+        return await asyncio.gather(*tasks[1:])
+
+    assert asyncio.run(main()) == ["v"] * 19
+
 
 
 async def _check_own_values(handle: Dict, count: int) -> None:

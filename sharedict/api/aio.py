@@ -245,6 +245,9 @@ async def _connection(client: Client, loop: asyncio.AbstractEventLoop) -> AsyncC
     """Return the loop's open connection, opening it first if needed."""
     connections = _connections_of(client)
     entry = connections.get(loop)
+    if isinstance(entry, asyncio.Task) and entry.done():
+        # The opening finished, and its callback has not yet replaced it with its result.
+        entry = None if entry.cancelled() or entry.exception() else entry.result()
     if isinstance(entry, AsyncConnection) and not entry.closed:
         return entry
     if not isinstance(entry, asyncio.Task):
@@ -258,11 +261,18 @@ async def _connection(client: Client, loop: asyncio.AbstractEventLoop) -> AsyncC
     return await asyncio.shield(entry)
 
 
-def _opened(connections: dict[asyncio.AbstractEventLoop, Any], loop: asyncio.AbstractEventLoop, task: asyncio.Task[AsyncConnection]) -> None:
+def _opened(
+    connections: dict[asyncio.AbstractEventLoop, Any],
+    loop: asyncio.AbstractEventLoop,
+    task: asyncio.Task[AsyncConnection],
+) -> None:
+    # Reading the exception marks it retrieved: the callers that awaited it have raised
+    # it already, and asyncio would log it again when nobody did.
+    failed = task.cancelled() or task.exception() is not None
     with _lock:
         if connections.get(loop) is not task:
             return
-        if task.cancelled() or task.exception() is not None:
+        if failed:
             del connections[loop]  # the next call tries again
         else:
             connections[loop] = task.result()
