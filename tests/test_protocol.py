@@ -8,6 +8,7 @@ failure to serve anyone else shows up at once.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import itertools
 import os
@@ -28,8 +29,9 @@ from hypothesis import strategies as st
 from helpers import start_serve, stop_process, wait_until
 from sharedict import Dict
 from sharedict.api import protocol
+from sharedict.api.config import Settings
 from sharedict.api.errors import CODE_BY_ERROR, ProtocolError, RequestSizeError
-from sharedict.api.transport import Request
+from sharedict.api.transport import Client, Request
 
 RECEIVE_TIMEOUT = 20.0
 PROTOCOL_CODE = CODE_BY_ERROR[ProtocolError]
@@ -626,3 +628,106 @@ def test_random_request_gets_one_reply(greeted, request_id, op, args):
     assert reply is not None
     assert reply[0] == request_id
     assert greeted.call(1, protocol.STATUS)[1] == protocol.STATUS_OK
+
+
+# The client against a daemon that breaks the protocol: a fake daemon of the test's own
+# answers the handshake, or the request after it, with a broken reply.
+
+
+class FakeDaemon:
+    """A Unix socket server that answers every connection with the bytes it is given."""
+
+    def __init__(self, hello_reply: bytes, request_reply: bytes = b"") -> None:
+        self.directory = tempfile.mkdtemp(prefix="sd-fake-", dir="/tmp")
+        self.socket_path = os.path.join(self.directory, "sharedict.sock")
+        self.hello_reply = hello_reply
+        self.request_reply = request_reply
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.socket_path)
+        self.listener.listen(8)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            with sock:
+                reader = protocol.FrameReader()
+                for reply in (self.hello_reply, self.request_reply):
+                    if not self._read_frame(sock, reader):
+                        break
+                    sock.sendall(reply)
+                # Hold the connection open, so that only the reply can end the call.
+                while sock.recv(4096):
+                    pass
+
+    @staticmethod
+    def _read_frame(sock: socket.socket, reader: protocol.FrameReader) -> bool:
+        while True:
+            for _ in reader.frames():
+                return True
+            data = sock.recv(4096)
+            if not data:
+                return False
+            reader.feed(data)
+
+    def close(self) -> None:
+        self.listener.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+HELLO_OK = protocol.encode_frame_bytes([1, protocol.STATUS_OK, {"protocol": protocol.PROTOCOL_VERSION}])
+
+BROKEN_REPLIES = {
+    "hello_garbage": (frame(b"\xc1"), b""),
+    "hello_oversized_header": (b"\xff\xff\xff\xff", b""),
+    "hello_not_array": (frame(msgpack.packb(42)), b""),
+    "hello_empty_array": (frame(msgpack.packb([])), b""),
+    "hello_short_array": (frame(msgpack.packb([1])), b""),
+    "request_garbage": (HELLO_OK, frame(b"\xc1")),
+    "request_not_array": (HELLO_OK, frame(msgpack.packb({"id": 2}))),
+    "request_short_array": (HELLO_OK, frame(msgpack.packb([2, 0]))),
+    "request_oversized_header": (HELLO_OK, b"\xff\xff\xff\xff"),
+}
+
+
+@pytest.mark.parametrize("replies", BROKEN_REPLIES.values(), ids=BROKEN_REPLIES.keys())
+def test_client_rejects_broken_reply(replies, tmp_path):
+    fake = FakeDaemon(*replies)
+    client = Client(Settings(socket_path=fake.socket_path, data_dir=str(tmp_path), autostart=False))
+    outcome: list[BaseException | None] = []
+
+    def call() -> None:
+        try:
+            client.call(Request(protocol.STATUS))
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(timeout=RECEIVE_TIMEOUT)
+    fake.close()
+    client.close()
+    assert outcome, "the client still waits for a reply"
+    assert isinstance(outcome[0], ProtocolError), repr(outcome[0])
+
+
+@pytest.mark.parametrize("replies", BROKEN_REPLIES.values(), ids=BROKEN_REPLIES.keys())
+def test_async_client_rejects_broken_reply(replies, tmp_path):
+    fake = FakeDaemon(*replies)
+    client = Client(Settings(socket_path=fake.socket_path, data_dir=str(tmp_path), autostart=False))
+    handle = Dict.from_name("kv", client=client)
+
+    async def call() -> None:
+        await asyncio.wait_for(handle.len.aio(), RECEIVE_TIMEOUT)
+
+    try:
+        with pytest.raises(ProtocolError):
+            asyncio.run(call())
+    finally:
+        fake.close()
+        client.close()

@@ -107,13 +107,21 @@ class SyncConnection:
             raise _NotSent from exc
 
         while True:
-            for body in self._reader.frames():
-                reply = protocol.decode_body(body)
-                if isinstance(reply, list) and reply and reply[0] == request_id:
-                    return reply_result(reply, request_id)
-                if isinstance(reply, list) and reply and reply[0] == 0:
-                    self.close()  # the daemon rejected the connection as a whole
-                    return reply_result(reply, 0)
+            try:
+                for body in self._reader.frames():
+                    reply = protocol.decode_body(body)
+                    if not isinstance(reply, list) or not reply:
+                        raise protocol.MalformedFrame("a reply must be an array of [request id, status, result]")
+                    if reply[0] == request_id:
+                        return reply_result(reply, request_id)
+                    if reply[0] == 0:
+                        self.close()  # the daemon rejected the connection as a whole
+                        return reply_result(reply, 0)
+            except (protocol.MalformedFrame, protocol.FrameTooLarge) as exc:
+                self.close()
+                raise ProtocolError(
+                    f"the daemon sent an invalid reply to {request.op} ({exc}); restart it with `sharedict stop`"
+                ) from exc
             try:
                 data = self._sock.recv(RECV_SIZE)
             except OSError as exc:
