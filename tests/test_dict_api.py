@@ -40,12 +40,12 @@ def fresh_dict() -> Dict:
     return Dict.from_name(unique("api"), create_if_missing=True).hydrate()
 
 
-def wait_until(condition, what: str) -> None:
+def wait_until(condition, description: str) -> None:
     """Poll ``condition`` until it returns true; fail after ``WAIT_TIMEOUT`` seconds."""
     deadline = time.monotonic() + WAIT_TIMEOUT
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {WAIT_TIMEOUT} s waiting until {what}")
+            pytest.fail(f"timed out after {WAIT_TIMEOUT} s waiting until {description}")
         time.sleep(0.02)
 
 
@@ -422,11 +422,11 @@ def test_objects_delete_allow_missing(daemon):
 def test_objects_delete_in_other_environment(daemon):
     name = unique("deleted")
     environment = unique("env")
-    kept = Dict.from_name(name, create_if_missing=True)
-    kept["key"] = "value"
+    in_main = Dict.from_name(name, create_if_missing=True)
+    in_main["key"] = "value"
     Dict.objects.create(name, environment_name=environment)
     Dict.objects.delete(name, environment_name=environment)
-    assert kept["key"] == "value"
+    assert in_main["key"] == "value"
 
 
 def test_objects_aio_forms(daemon):
