@@ -259,6 +259,20 @@ def test_replies_out_of_order_never_cross(kv: Dict) -> None:
     assert kv["new-499"] == -499
 
 
+def test_large_values_among_small_ones(kv: Dict) -> None:
+    large = os.urandom(20 << 20)
+
+    async def main() -> list[Any]:
+        await kv.put.aio("large", large)
+        # The large reply spans many reads of the socket, between small replies.
+        return await asyncio.gather(*(kv.get.aio("large" if i % 10 == 0 else "small", i) for i in range(50)))
+
+    values = asyncio.run(main())
+    for i, value in enumerate(values):
+        expected = large if i % 10 == 0 else i
+        assert value == expected, f"call {i} returned another call's value"
+
+
 def test_one_connection_per_loop(kv: Dict) -> None:
     kv["k"] = "v"
     baseline = daemon_connections()

@@ -160,7 +160,11 @@ class AsyncConnection(asyncio.Protocol):
             message = f"the daemon sent an invalid reply ({exc}); restart it with `sharedict stop`"
             self._fail(lambda: ProtocolError(message))
             return
-        del received[:start]
+        if start == len(received):
+            # A new buffer gives back the memory that a large reply took.
+            self._received = bytearray()
+        else:
+            del received[:start]
 
     def _resolve(self, reply: Any) -> None:
         if type(reply) is not list or not reply:
