@@ -665,25 +665,25 @@ class Store:
                 data_id = dicts.key()
             visited += 1
 
+            # Deleting at the cursor leaves it on the next key, so the walk needs no seek.
             boundary = data_id + _U64.pack(cutoff_ms)
-            expired = []
+            removed_here = 0
             with txn.cursor(db=self._access) as cursor:
-                if cursor.set_range(data_id):
-                    for access_key in cursor.iternext(values=False):
-                        if access_key >= boundary or len(expired) == limit - removed:
-                            break
-                        expired.append(access_key)
-
-            for access_key in expired:
-                seq_bytes = access_key[16:24]
-                _, ref, _ = _unpack_order(txn.get(data_id + seq_bytes, db=self._order))
-                txn.delete(data_id + ref, db=self._index)
-                txn.delete(data_id + seq_bytes, db=self._order)
-                txn.delete(access_key, db=self._access)
-            if expired:
+                found = cursor.set_range(data_id)
+                while found and removed < limit:
+                    # Past the last key of the table, the cursor returns an empty key.
+                    access_key = cursor.key()
+                    if access_key >= boundary or not access_key.startswith(data_id):
+                        break
+                    order_key = data_id + access_key[16:24]
+                    _, ref, _ = _unpack_order(txn.pop(order_key, db=self._order))
+                    txn.delete(data_id + ref, db=self._index)
+                    found = cursor.delete()
+                    removed += 1
+                    removed_here += 1
+            if removed_here:
                 count, next_seq = _STATS.unpack(txn.get(data_id, db=self._stats))
-                txn.put(data_id, _STATS.pack(count - len(expired), next_seq), db=self._stats)
-                removed += len(expired)
+                txn.put(data_id, _STATS.pack(count - removed_here, next_seq), db=self._stats)
 
             # A dict cut short by the limit is visited again by the next batch.
             position = data_id if removed == limit else _successor(data_id)

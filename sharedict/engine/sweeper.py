@@ -2,7 +2,9 @@
 
 Expired entries are invisible from the moment they expire, so the sweeper only reclaims
 their space. It works in bounded batches, each a write of its own through the group
-commit writer, so requests keep flowing between batches.
+commit writer, and rests after each batch as long as the batch took. It so takes at most
+about half of the writer's time and of one CPU, and requests keep flowing while it works.
+``benchmarks/bench_sweep.py`` measures the latency of reads during a sweep.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from sharedict.engine.writer import GroupCommitWriter
 
 logger = logging.getLogger(__name__)
 
-SWEEP_BATCH = 1000
+SWEEP_BATCH = 500
+# The rest after a batch, as a multiple of the time the batch took.
+PAUSE_RATIO = 1.0
 
 
 class Sweeper:
@@ -34,7 +38,8 @@ class Sweeper:
         interval: seconds between the end of one sweep and the start of the next.
         on_idle: called after each sweep, for housekeeping such as reaping the ephemeral
             dicts of processes that are gone.
-        batch_size: the most entries or dicts one batch removes or visits.
+        batch_size: the maximum number of entries or dicts that one batch removes or visits.
+        pause_ratio: the rest after each batch, as a multiple of the time the batch took.
     """
 
     def __init__(
@@ -44,12 +49,14 @@ class Sweeper:
         interval: float,
         on_idle: Callable[[], None] | None = None,
         batch_size: int = SWEEP_BATCH,
+        pause_ratio: float = PAUSE_RATIO,
     ) -> None:
         self.store = store
         self.writer = writer
         self.interval = interval
         self.on_idle = on_idle
         self.batch_size = batch_size
+        self.pause_ratio = pause_ratio
         self.last_sweep_at: float | None = None
         self.swept_entries = 0
         self._stop = threading.Event()
@@ -71,17 +78,22 @@ class Sweeper:
         expired = 0
         position: bytes | None = b""
         while position is not None and not self._stop.is_set():
+            batch_started = time.monotonic()
             batch = functools.partial(self.store.remove_expired, limit=self.batch_size, start=position)
             removed, position = self.writer.call(batch)
             expired += removed
             self.swept_entries += removed
+            if position is not None:
+                self._rest_after(batch_started)
 
         garbage = 0
         while not self._stop.is_set():
+            batch_started = time.monotonic()
             removed = self.writer.call(functools.partial(self.store.remove_garbage, limit=self.batch_size))
             garbage += removed
             if removed < self.batch_size:
                 break
+            self._rest_after(batch_started)
 
         self.last_sweep_at = time.time()
         level = logging.INFO if expired or garbage else logging.DEBUG
@@ -93,6 +105,11 @@ class Sweeper:
             time.monotonic() - started,
         )
         return expired
+
+    def _rest_after(self, batch_started: float) -> None:
+        # The batch's time includes its wait in the writer's queue, so the sweeper also
+        # backs off when clients keep the writer busy.
+        self._stop.wait(self.pause_ratio * (time.monotonic() - batch_started))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
