@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import daemon_pids, run_serve, socket_accepts, start_serve, stop_process, wait_until
+from helpers import daemon_pids, kill_pid, run_serve, socket_accepts, start_serve, stop_process, wait_until
 from sharedict import Dict
 from sharedict.api import protocol
 from sharedict.api.autostart import EXIT_ALREADY_RUNNING
@@ -331,3 +331,51 @@ def test_detached_second_daemon_exits_3(module_daemon):
     other_socket = os.path.join(module_daemon.socket_dir, "other.sock")
     completed = run_serve(other_socket, module_daemon.data_dir, "--detach")
     assert completed.returncode == EXIT_ALREADY_RUNNING
+
+
+# Auto-start writes a log and a lock file before any daemon checks the directories, so
+# it must check them first: in a directory that others can write to, either file could be
+# a symlink planted to make the client write to a file of someone else's choice.
+
+
+def _autostart_client(socket_path: str, data_dir: str) -> Client:
+    return Client(Settings(socket_path=socket_path, data_dir=data_dir, autostart=True))
+
+
+def test_autostart_refuses_open_data_dir(paths, tmp_path):
+    socket_path, data_dir = paths
+    os.makedirs(data_dir)
+    os.chmod(data_dir, 0o777)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.symlink(victim, os.path.join(data_dir, "daemon.log"))
+
+    with pytest.raises(DaemonUnavailableError, match="writable by other users"):
+        Dict.from_name("kv", create_if_missing=True, client=_autostart_client(socket_path, data_dir)).len()
+    assert victim.read_text() == "precious"
+
+
+def test_autostart_refuses_open_socket_dir(paths, tmp_path):
+    socket_path, data_dir = paths
+    os.chmod(os.path.dirname(socket_path), 0o777)
+    victim = tmp_path / "victim"
+    os.symlink(victim, socket_path + ".autostart")
+
+    with pytest.raises(DaemonUnavailableError, match="socket directory"):
+        Dict.from_name("kv", create_if_missing=True, client=_autostart_client(socket_path, data_dir)).len()
+    assert not victim.exists()
+
+
+def test_autostart_creates_private_directories(paths):
+    socket_path, data_dir = paths
+    nested_socket = os.path.join(os.path.dirname(socket_path), "new", "sharedict.sock")
+    client = _autostart_client(nested_socket, data_dir)
+    try:
+        Dict.from_name("kv", create_if_missing=True, client=client)["k"] = "v"
+        assert stat.S_IMODE(os.stat(os.path.dirname(nested_socket)).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(os.path.join(data_dir, "daemon.log")).st_mode) == 0o600
+    finally:
+        client.close()
+        for pid in daemon_pids(data_dir):
+            kill_pid(pid)

@@ -32,7 +32,7 @@ EXIT_ALREADY_RUNNING = 3
 @contextlib.contextmanager
 def _autostart_lock(socket_path: str, timeout: float) -> Iterator[None]:
     lock_path = socket_path + ".autostart"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -51,15 +51,29 @@ def _autostart_lock(socket_path: str, timeout: float) -> Iterator[None]:
         os.close(fd)
 
 
+def _prepare_directories(settings: Settings) -> None:
+    """Create the socket and data directories, or check them as the daemon will.
+
+    The checks come before this process writes its lock file and the daemon's log there.
+    In a directory that others may write to, either file could be a symlink planted to
+    make this process write to a file of someone else's choice.
+    """
+    from sharedict.daemon.security import SetupError, prepare_private_dir, prepare_socket_dir
+
+    try:
+        prepare_socket_dir(settings.socket_path)
+        prepare_private_dir(settings.data_dir, "data directory")
+    except SetupError as exc:
+        raise DaemonUnavailableError(f"cannot start the sharedict daemon: {exc}") from None
+
+
 def start_daemon(settings: Settings, is_up: Callable[[], bool], timeout: float = START_TIMEOUT) -> None:
     """Start a detached daemon for ``settings`` unless ``is_up()`` finds one running.
 
     Returns once the daemon accepts connections; raises ``DaemonUnavailableError`` with
     the end of the daemon's log when it fails to start.
     """
-    socket_dir = os.path.dirname(settings.socket_path)
-    os.makedirs(socket_dir, mode=0o700, exist_ok=True)
-    os.makedirs(settings.data_dir, mode=0o700, exist_ok=True)
+    _prepare_directories(settings)
     log_path = os.path.join(settings.data_dir, LOG_NAME)
 
     with _autostart_lock(settings.socket_path, timeout):
@@ -81,7 +95,8 @@ def start_daemon(settings: Settings, is_up: Callable[[], bool], timeout: float =
             repr(settings.sweep_interval),
         ]
         logger.debug("starting the daemon: %s", command)
-        with open(log_path, "ab") as log:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(log_fd, "ab") as log:
             # --detach forks the daemon and exits once it serves, so this waits only for
             # the start-up, and no zombie is left behind.
             completed = subprocess.run(
