@@ -52,7 +52,17 @@ _FIRST_NUMBER = re.compile(r"^(\d+)")
 
 
 def strace_command(trace_path: str) -> list[str]:
-    return ["strace", "-f", "-ttt", "-T", "-y", "-e", "trace=" + ",".join(TRACED_CALLS), "-o", trace_path, "--"]
+    """Return the command prefix that runs a program under strace, logging to ``trace_path``.
+
+    ``-I 1`` lets strace die of the SIGTERM it gets when the suite dies (by default it
+    blocks it). strace then only detaches from its program, so where util-linux's setpriv
+    is installed, the program gets SIGTERM of its own when strace dies.
+    """
+    command = ["strace", "-I", "1", "-f", "-ttt", "-T", "-y", "-e", "trace=" + ",".join(TRACED_CALLS)]
+    command += ["-o", trace_path, "--"]
+    if shutil.which("setpriv"):
+        command += ["setpriv", "--pdeathsig", "TERM", "--"]
+    return command
 
 
 @dataclass(frozen=True)

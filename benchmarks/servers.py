@@ -4,7 +4,8 @@ Every server runs on a Unix socket in a temporary directory that this suite crea
 the suite never reaches a server it did not start. ``Servers`` starts them on first use
 and stops all of them when its ``with`` block exits, whatever happened inside it. On
 Linux each server also gets SIGTERM when the suite's process dies, so even a killed suite
-leaves no server behind.
+leaves no server behind. Under strace it is strace that gets that SIGTERM, and
+``durability.strace_command`` makes it reach the server too.
 """
 
 from __future__ import annotations
@@ -50,16 +51,22 @@ def _socket_accepts(socket_path: str) -> bool:
         probe.close()
 
 
-def traced_pid(tracer_pid: int) -> int:
-    """Return the pid of the program that a tracer such as strace started as its child."""
-    deadline = time.monotonic() + START_TIMEOUT
+def traced_pid(tracer_pid: int, executable: str) -> int:
+    """Return the pid of the program that a tracer such as strace started as its child.
+
+    The tracer's child is found by its executable, because strace forks short-lived test
+    children of its own at start-up.
+    """
+    expected = os.path.realpath(executable)
     children_file = Path(f"/proc/{tracer_pid}/task/{tracer_pid}/children")
+    deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        children = children_file.read_text().split()
-        if children:
-            return int(children[0])
+        for child in children_file.read_text().split():
+            with contextlib.suppress(OSError):
+                if os.path.realpath(f"/proc/{child}/exe") == expected:
+                    return int(child)
         time.sleep(0.01)
-    raise RuntimeError(f"the tracer with pid {tracer_pid} started no program within {START_TIMEOUT} s")
+    raise RuntimeError(f"the tracer with pid {tracer_pid} did not start {executable} within {START_TIMEOUT} s")
 
 
 class Server:
@@ -85,16 +92,17 @@ class Server:
         raise NotImplementedError
 
     def start(self) -> None:
+        command = self.command()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [*self.wrapper, *self.command()],
+                [*self.wrapper, *command],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
-        self.pid = traced_pid(self.process.pid) if self.wrapper else self.process.pid
+        self.pid = traced_pid(self.process.pid, command[0]) if self.wrapper else self.process.pid
 
         deadline = time.monotonic() + START_TIMEOUT
         while not _socket_accepts(self.socket_path):
@@ -120,6 +128,10 @@ class Server:
                     os.kill(self.pid, signal.SIGKILL)
                 process.kill()
                 process.wait()
+        if self.pid != process.pid:
+            # The wrapper is gone; its program must not outlive it.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
         self.process = None
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
