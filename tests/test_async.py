@@ -139,6 +139,29 @@ def test_aio_matches_blocking(daemon) -> None:
         assert awaited_state == blocking_state, f"{method}{args} {kwargs}"
 
 
+OBJECTS_CASES = [
+    ("create", ("existing",), {}),
+    ("create", ("existing",), {"allow_existing": True}),
+    ("create", ("bad name!",), {}),
+    ("delete", ("absent",), {}),
+    ("delete", ("absent",), {"allow_missing": True}),
+    ("list", (), {"max_objects": -1}),
+    ("list", (), {"created_before": "not a time"}),
+    ("list", (), {"environment_name": "other"}),
+]
+
+
+def test_objects_aio_matches_blocking(daemon) -> None:
+    Dict.objects.create("existing")
+    for method, args, kwargs in OBJECTS_CASES:
+        blocking = _outcome(lambda: getattr(Dict.objects, method)(*args, **kwargs))
+        awaited = _outcome(lambda: asyncio.run(getattr(Dict.objects, method).aio(*args, **kwargs)))
+        names = [handle.name for handle in Dict.objects.list()]
+
+        assert awaited == blocking, f"objects.{method}{args} {kwargs}"
+        assert names == ["existing"], f"objects.{method}{args} {kwargs}"
+
+
 def test_missing_dict_raises_not_found(daemon) -> None:
     missing = Dict.from_name("absent")
     blocking = _outcome(lambda: missing.get("k"))
