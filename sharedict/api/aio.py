@@ -128,6 +128,10 @@ class AsyncConnection(asyncio.Protocol):
             # write() found the socket broken at its first send, typically because the
             # daemon closed it while this connection sat idle: nothing of these frames
             # left the process.
+            # NOTE: asyncio's selector transports (Python 3.10 to 3.13) try the socket
+            # at once when their buffer is empty. A transport that defers every send
+            # makes this case look like a lost reply, so a write raises
+            # ConnectionLostError instead of going out again on a new connection.
             self._unsent = unsent
             self._fail_unsent()
 
@@ -199,10 +203,11 @@ class AsyncConnection(asyncio.Protocol):
     def close(self) -> None:
         """Close the connection; requests still in flight fail as if it broke."""
         self.closed = True
-        if self.loop.is_closed():
-            # The transport can no longer run its callbacks; release the daemon's side.
+        if self._transport is None or self.loop.is_closed():
+            # No transport runs the socket, or none can any more because its loop is
+            # closed, so the socket is closed here to release the daemon's side.
             self._sock.close()
-        elif self._transport is not None:
+        else:
             self._transport.close()
 
 
