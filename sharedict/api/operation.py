@@ -111,7 +111,7 @@ class AsyncItems:
     """The async iterator of an iterating operation, as ``d.items.aio()`` returns it.
 
     It sends the operation's next request only when its items run out, so nothing is in
-    flight while the consumer holds an item. Leaving an ``async for`` early therefore
+    flight while the consumer works on an item. Leaving an ``async for`` early therefore
     needs no clean-up; ``aclose()`` ends the iteration at once.
     """
 
@@ -179,8 +179,8 @@ class BoundOperation:
         client = _client_of(self._instance, kwargs)
         body = self._function(self._instance, *args, **kwargs)
 
-        # The same driver as run_blocking(), written out here because a call through one
-        # more coroutine costs a noticeable share of a pipelined get.
+        # The same driver as run_blocking(), written out here so that a call creates no
+        # second coroutine.
         try:
             request = body.send(None)
             while True:
