@@ -295,6 +295,16 @@ def test_symlink_at_socket_path_kept(paths, tmp_path):
     assert target.read_text() == "precious"
 
 
+def test_socket_path_too_long_refused(tmp_path):
+    socket_dir = tmp_path / ("d" * 100)
+    socket_dir.mkdir(mode=0o700)
+    socket_path = str(socket_dir / "sharedict.sock")
+    completed = run_serve(socket_path, str(tmp_path / "data"))
+    assert completed.returncode == 1
+    assert "bytes long" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
 # One daemon per data directory and per socket.
 
 
@@ -379,3 +389,4 @@ def test_autostart_creates_private_directories(paths):
         client.close()
         for pid in daemon_pids(data_dir):
             kill_pid(pid)
+

@@ -67,8 +67,19 @@ def prepare_private_dir(path: str, what: str) -> None:
         )
 
 
+# Longest path that fits ``sockaddr_un.sun_path`` on Linux, which has 108 bytes with the
+# terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+
+
 def prepare_socket_dir(socket_path: str) -> None:
     """Create the socket's directory with mode 0700, or check that it is private."""
+    length = len(os.fsencode(socket_path))
+    if length > MAX_SOCKET_PATH_BYTES:
+        raise SetupError(
+            f"socket path {socket_path} is {length} bytes long, over the limit of {MAX_SOCKET_PATH_BYTES} bytes "
+            "for Unix sockets; set SHAREDICT_SOCKET or --socket to a shorter path"
+        )
     directory = os.path.dirname(socket_path)
     prepare_private_dir(directory, "socket directory")
     mode = stat.S_IMODE(os.stat(directory).st_mode)
