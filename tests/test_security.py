@@ -389,4 +389,3 @@ def test_autostart_creates_private_directories(paths):
         client.close()
         for pid in daemon_pids(data_dir):
             kill_pid(pid)
-
