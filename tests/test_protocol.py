@@ -631,11 +631,11 @@ def test_random_request_gets_one_reply(greeted, request_id, op, args):
 
 
 # The client against a daemon that breaks the protocol: a fake daemon of the test's own
-# answers the handshake, or the request after it, with a broken reply.
+# replies to the handshake, or to the request after it, with a broken frame.
 
 
 class FakeDaemon:
-    """A Unix socket server that answers every connection with the bytes it is given."""
+    """A Unix socket server that replies to each connection with the bytes it is given."""
 
     def __init__(self, hello_reply: bytes, request_reply: bytes = b"") -> None:
         self.directory = tempfile.mkdtemp(prefix="sd-fake-", dir="/tmp")

@@ -344,7 +344,7 @@ def test_detached_second_daemon_exits_3(module_daemon):
 
 
 # Auto-start writes a log and a lock file before any daemon checks the directories, so
-# it must check them first: in a directory that others can write to, either file could be
+# it must check them first. In a directory that others can write to, either file could be
 # a symlink planted to make the client write to a file of someone else's choice.
 
 
