@@ -10,6 +10,7 @@ that a crash could lose.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +30,12 @@ Callback = Callable[[Any, BaseException | None], None]
 # unbounded transaction.
 MAX_BATCH_WRITES = 20_000
 MAX_BATCH_BYTES = 512 << 20
+
+# A write that finds the store full first removes up to this many records of cleared or
+# deleted dicts, in transactions of RECLAIM_BATCH records, so the writer pauses for a
+# bounded time.
+MAX_RECLAIM_RECORDS = 200_000
+RECLAIM_BATCH = 2_000
 
 
 class _Write:
@@ -155,6 +162,12 @@ class GroupCommitWriter:
                     self._grow()
                     continue
                 return None
+            except lmdb.Error as exc:
+                # A full disk fails the commit; each write then gets its own error.
+                txn.abort()
+                if len(batch) > 1:
+                    logger.warning("a batch of %d writes failed (%s); applying them one by one", len(batch), exc)
+                return None
             except Exception:
                 txn.abort()
                 if len(batch) == 1:
@@ -164,29 +177,77 @@ class GroupCommitWriter:
         return None
 
     def _apply_alone(self, write: _Write) -> tuple[Any, BaseException | None]:
-        for attempt in range(2):
+        retried = False
+        while True:
             txn = self.store.begin_write()
             try:
                 result = write.function(txn)
                 txn.commit()
                 return result, None
-            except lmdb.MapFullError as exc:
-                txn.abort()
-                if attempt == 0 and self._grow():
-                    continue
-                return None, StorageFull(f"the store is full: {exc}")
             except EngineError as exc:
                 txn.abort()
                 return None, exc
             except lmdb.Error as exc:
+                # A full map, or a full disk, which LMDB reports as ENOSPC or, after a
+                # short write, as EIO.
                 txn.abort()
-                logger.error("write failed: %s", exc)
-                return None, StorageFull(f"the write failed in LMDB ({exc}); check free disk space in the data directory")
+                if not retried and self._make_room(exc):
+                    retried = True
+                    continue
+                error = _storage_full(self.store, write, exc)
+                logger.error("%s", error)
+                return None, error
             except Exception as exc:
                 txn.abort()
                 logger.exception("write failed")
                 return None, exc
-        return None, StorageFull("the store is full and its map cannot grow")
+
+    def _make_room(self, exc: lmdb.Error) -> bool:
+        """Try to make room for a write that failed with ``exc``; return whether a retry may succeed."""
+        if isinstance(exc, lmdb.MapFullError) and self._grow():
+            return True
+        self._reclaim_garbage()
+        return self._release_freed_pages()
+
+    def _release_freed_pages(self) -> bool:
+        """Commit one small transaction, so that the pages freed by the last commit become reusable.
+
+        LMDB keeps the previous snapshot intact for crash recovery, so the pages that a
+        transaction frees are reused only from the second transaction after it. Without
+        this, a write right after a ``del`` or a ``clear()`` could still find the disk full.
+        """
+        txn = self.store.begin_write()
+        try:
+            self.store.next_counter(txn, b"space-reclaimed")
+            txn.commit()
+        except lmdb.Error as exc:
+            txn.abort()
+            logger.warning("the store is full, and even a small write failed: %s", exc)
+            return False
+        return True
+
+    def _reclaim_garbage(self) -> int:
+        """Remove records of cleared and deleted dicts now, instead of at the next sweep.
+
+        LMDB reuses the pages they free, so after ``clear()`` a write that found the disk
+        full can succeed at once. Returns the number of records removed.
+        """
+        removed = 0
+        while removed < MAX_RECLAIM_RECORDS:
+            txn = self.store.begin_write()
+            try:
+                batch = self.store.remove_garbage(txn, limit=RECLAIM_BATCH)
+                txn.commit()
+            except lmdb.Error as exc:
+                txn.abort()
+                logger.warning("removing records of cleared or deleted dicts failed: %s", exc)
+                break
+            removed += batch
+            if batch < RECLAIM_BATCH:
+                break
+        if removed:
+            logger.warning("the store is full: removed %d records of cleared or deleted dicts ahead of the sweep", removed)
+        return removed
 
     def _grow(self) -> bool:
         try:
@@ -195,3 +256,20 @@ class GroupCommitWriter:
         except StorageFull as exc:
             logger.warning("%s", exc)
             return False
+
+
+def _storage_full(store: Store, write: _Write, exc: lmdb.Error) -> StorageFull:
+    """Describe a write that LMDB could not store: the data directory, its free space, and the fix."""
+    try:
+        free = f"{shutil.disk_usage(store.data_dir).free / (1 << 20):.1f} MiB free"
+    except OSError as usage_error:
+        free = f"unknown free space ({usage_error})"
+    if isinstance(exc, lmdb.MapFullError):
+        cause = f"the memory map of {store.env.info()['map_size']} bytes is full and cannot grow ({exc})"
+    else:
+        cause = f"LMDB failed to write ({exc})"
+    return StorageFull(
+        f"cannot store a write of {write.size} bytes in data directory {store.data_dir}: {cause}; its "
+        f"filesystem has {free}. Free space on that filesystem, or delete entries or dicts to make room "
+        "(sharedict reuses their space), then retry"
+    )
