@@ -12,7 +12,7 @@ from typing import Any
 
 from sharedict.api import protocol
 from sharedict.api.errors import DeserializationError, Error, InvalidError, RequestSizeError, SerializationError
-from sharedict.api.serialization import decode_key, dump_value, encode_key, load_value
+from sharedict.api.serialization import KeyTooDeep, decode_key, dump_value, encode_key, load_value
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEFAULT_ENVIRONMENT = "main"
@@ -77,6 +77,11 @@ def encode_request_key(key: Any, dict_label: str) -> tuple[bytes, bytes | None]:
         match_key, stored_key = encode_key(key)
     except (Error, LookupNeeded):
         raise  # from a Dict handle inside the key: a failed lookup, or one the operation must do
+    except KeyTooDeep as exc:
+        raise SerializationError(
+            f"cannot encode a key of type {type(key).__name__} for {dict_label}: {exc}; "
+            "use a flatter key, such as a string or a hash of this one"
+        ) from None
     except Exception as exc:
         raise SerializationError(
             f"cannot pickle a key of type {type(key).__name__} for {dict_label}: {type(exc).__name__}: {exc}; "

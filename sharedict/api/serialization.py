@@ -46,6 +46,17 @@ _CANONICAL_NAN = _DOUBLE.pack(math.nan)
 # times faster than cloudpickle for small objects.
 _PLAIN_VALUE_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
 
+MAX_KEY_DEPTH = 100
+"""Most levels of tuples and frozensets nested inside one another in a key.
+
+Encoding and decoding recurse once per level, so a limit well below Python's recursion
+limit lets every key that was stored be read back, even from a deep call stack.
+"""
+
+
+class KeyTooDeep(ValueError):
+    """A key nests tuples or frozensets more than ``MAX_KEY_DEPTH`` levels deep."""
+
 
 def _int_bytes(number: int) -> bytes:
     return TAG_INT + number.to_bytes((number.bit_length() + 8) // 8, "big", signed=True)
@@ -55,8 +66,11 @@ def _join(tag: bytes, parts: list[bytes]) -> bytes:
     return tag + _LENGTH.pack(len(parts)) + b"".join(_LENGTH.pack(len(part)) + part for part in parts)
 
 
-def _encode(key: Any) -> tuple[bytes, bytes]:
-    """Return the match encoding of a key, and its exact encoding that keeps bool and float apart from int."""
+def _encode(key: Any, depth: int = 0) -> tuple[bytes, bytes]:
+    """Return the match encoding of a key, and its exact encoding that keeps bool and float apart from int.
+
+    ``depth`` is the number of tuples and frozensets that contain ``key``.
+    """
     kind = type(key)
     if kind is str:
         encoded = TAG_STR + key.encode("utf-8", "surrogatepass")
@@ -80,7 +94,9 @@ def _encode(key: Any) -> tuple[bytes, bytes]:
     if key is None:
         return TAG_NONE, TAG_NONE
     if kind is tuple or kind is frozenset:
-        pairs = [_encode(item) for item in key]
+        if depth == MAX_KEY_DEPTH:
+            raise KeyTooDeep(f"the key nests tuples or frozensets more than {MAX_KEY_DEPTH} levels deep")
+        pairs = [_encode(item, depth + 1) for item in key]
         match_parts = [match for match, _ in pairs]
         exact_parts = [exact for _, exact in pairs]
         if kind is tuple:
@@ -93,8 +109,9 @@ def _encode(key: Any) -> tuple[bytes, bytes]:
 def encode_key(key: Any) -> tuple[bytes, bytes | None]:
     """Return the match key and, when it differs, the stored key of ``key``.
 
-    Raises ``TypeError`` for a key that is not hashable, as a Python dict does, and
-    whatever pickling raises for a key that cannot be pickled.
+    Raises ``TypeError`` for a key that is not hashable, as a Python dict does,
+    ``KeyTooDeep`` for a key nested more than ``MAX_KEY_DEPTH`` levels deep, and whatever
+    pickling raises for a key that cannot be pickled.
     """
     if type(key) is str:  # the common case, first
         return TAG_STR + key.encode("utf-8", "surrogatepass"), None
