@@ -24,6 +24,7 @@ from sharedict.api.autostart import EXIT_ALREADY_RUNNING
 from sharedict.api.config import Settings
 from sharedict.api.errors import DaemonUnavailableError
 from sharedict.api.transport import Client
+from sharedict.daemon import security
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
 
@@ -90,39 +91,28 @@ def test_socket_in_group_writable_directory_refused(paths):
     assert not os.path.exists(socket_path)
 
 
-# Peer credentials: a client of another uid is rejected even when it can reach the socket.
+def _in_child_as_nobody(function) -> bytes:
+    """Run ``function`` in a forked child as ``nobody``.
 
-
-def _connect_as_nobody(socket_path: str) -> bytes:
-    """Fork a child that connects as ``nobody`` and sends hello; return what the daemon sent back.
-
-    The child writes its outcome to a pipe: ``closed``, ``reply`` or ``error:<text>``.
+    Return what ``function`` returned (bytes), ``ok`` for None, or the name of the
+    exception it raised followed by its message.
     """
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
-        outcome = b"error:unknown"
+        outcome = b"ok"
         try:
             os.close(read_end)
             user = nobody()
             os.setgroups([])
             os.setgid(user.pw_gid)
             os.setuid(user.pw_uid)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(20)
-            sock.connect(socket_path)
-            try:
-                sock.sendall(protocol.encode_frame_bytes([1, protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid()]))
-                data = sock.recv(4096)
-            except (BrokenPipeError, ConnectionResetError):
-                data = b""
-            outcome = b"closed" if not data else b"reply"
-        except BaseException as exc:  # anything the child meets is the test's result
-            outcome = f"error:{exc!r}".encode()
+            outcome = function() or b"ok"
+        except BaseException as exc:  # the child reports whatever it meets
+            outcome = f"{type(exc).__name__}: {exc}".encode()
         finally:
             os.write(write_end, outcome)
             os._exit(0)
-
     os.close(write_end)
     chunks = []
     while chunk := os.read(read_end, 4096):
@@ -130,6 +120,26 @@ def _connect_as_nobody(socket_path: str) -> bytes:
     os.close(read_end)
     os.waitpid(pid, 0)
     return b"".join(chunks)
+
+
+# Peer credentials: a client of another uid is rejected even when it can reach the socket.
+
+
+def _connect_as_nobody(socket_path: str) -> bytes:
+    """Connect as ``nobody`` and send hello; return ``closed``, ``reply`` or the error met."""
+
+    def connect() -> bytes:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(20)
+        sock.connect(socket_path)
+        try:
+            sock.sendall(protocol.encode_frame_bytes([1, protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid()]))
+            data = sock.recv(4096)
+        except (BrokenPipeError, ConnectionResetError):
+            data = b""
+        return b"reply" if data else b"closed"
+
+    return _in_child_as_nobody(connect)
 
 
 @pytest.fixture
@@ -167,35 +177,18 @@ def test_daemon_serves_owner_after_rejection(open_daemon):
 def test_other_uid_blocked_by_socket_modes(module_daemon):
     # With the modes the daemon sets, another user cannot even connect.
     outcome = _connect_as_nobody(module_daemon.socket_path)
-    assert outcome.startswith(b"error:PermissionError")
+    assert outcome.startswith(b"PermissionError:")
 
 
 @needs_root
 def test_other_uid_client_gets_sharedict_error(open_daemon):
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        outcome = b"no error"
-        try:
-            os.close(read_end)
-            user = nobody()
-            os.setgroups([])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-            settings = Settings(socket_path=open_daemon.socket_path, data_dir=open_daemon.data_dir, autostart=False)
-            Dict.from_name("kv", create_if_missing=True, client=Client(settings))["k"] = "v"
-        except DaemonUnavailableError:
-            outcome = b"DaemonUnavailableError"
-        except BaseException as exc:  # anything else is the failure this test reports
-            outcome = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}".encode()
-        finally:
-            os.write(write_end, outcome)
-            os._exit(0)
-    os.close(write_end)
-    outcome = os.read(read_end, 4096)
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    assert outcome == b"DaemonUnavailableError"
+    settings = Settings(socket_path=open_daemon.socket_path, data_dir=open_daemon.data_dir, autostart=False)
+
+    def use_dict() -> None:
+        Dict.from_name("kv", create_if_missing=True, client=Client(settings))["k"] = "v"
+
+    outcome = _in_child_as_nobody(use_dict)
+    assert outcome.startswith(b"DaemonUnavailableError:")
 
 
 # The data directory must belong to the daemon's user and be closed to others.
@@ -303,6 +296,20 @@ def test_socket_path_too_long_refused(tmp_path):
     assert completed.returncode == 1
     assert "bytes long" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+@needs_root
+def test_socket_of_other_user_kept(paths):
+    socket_path, _ = paths
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(socket_path)
+    os.chmod(socket_path, 0o600)
+    os.chmod(os.path.dirname(socket_path), 0o777)
+    # A daemon of nobody may not even probe root's socket, so it must leave it alone.
+    outcome = _in_child_as_nobody(lambda: security.bind_socket(socket_path))
+    other.close()
+    assert outcome.startswith(b"SetupError:")
+    assert stat.S_ISSOCK(os.lstat(socket_path).st_mode)
 
 
 # One daemon per data directory and per socket.

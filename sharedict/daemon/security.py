@@ -155,6 +155,11 @@ def _socket_is_live(socket_path: str) -> bool:
     except OSError as exc:
         if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
             return False
-        raise
+        # Typically EACCES: a socket of another user. Whatever it is, it is not ours to
+        # remove.
+        raise SetupError(
+            f"cannot tell whether a daemon listens on {socket_path} ({exc}); remove the file if it is stale, "
+            "or choose another socket path"
+        ) from exc
     finally:
         probe.close()
