@@ -38,7 +38,7 @@ import msgpack
 from sharedict.api import protocol
 from sharedict.api.autostart import start_daemon
 from sharedict.api.errors import ConnectionLostError, DaemonUnavailableError, ProtocolError
-from sharedict.api.transport import Client, Request, reply_result
+from sharedict.api.transport import Client, Request, check_daemon_user, reply_result
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +322,7 @@ async def _connect(loop: asyncio.AbstractEventLoop, socket_path: str) -> AsyncCo
     try:
         sock.setblocking(False)
         await loop.sock_connect(sock, socket_path)
+        check_daemon_user(sock, socket_path)
         await loop.create_unix_connection(lambda: conn, sock=sock)
         request_id, future = conn.send(Request(protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid()))
         try:

@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 import threading
 from typing import Any
 
@@ -64,6 +65,24 @@ def reply_result(reply: Any, request_id: int) -> Any:
     raise error_from_code(status, result)
 
 
+_PEERCRED = struct.Struct("3i")
+
+
+def check_daemon_user(sock: socket.socket, socket_path: str) -> None:
+    """Raise ``DaemonUnavailableError`` unless the process behind ``sock`` runs as this user.
+
+    Keys and values go to a daemon of one's own user only. Another user who created the
+    socket's directory first, for example under ``/tmp``, could otherwise receive them.
+    """
+    pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    if uid != os.getuid():
+        raise DaemonUnavailableError(
+            f"the process behind {socket_path} (pid {pid}) runs as uid {uid}, not as you (uid {os.getuid()}), "
+            "so sharedict sends it nothing; set SHAREDICT_SOCKET to a path in a directory of your own, or "
+            f"remove {os.path.dirname(socket_path)} if you do not know who created it"
+        )
+
+
 class SyncConnection:
     """A blocking connection that carries one request at a time."""
 
@@ -72,7 +91,8 @@ class SyncConnection:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.connect(socket_path)
-        except OSError:
+            check_daemon_user(self._sock, socket_path)
+        except BaseException:
             self._sock.close()
             raise
         self._reader = protocol.FrameReader()

@@ -67,6 +67,31 @@ def prepare_private_dir(path: str, what: str) -> None:
         )
 
 
+# Files of the data directory that hold its data, its lock table, or its log.
+DATA_FILES = ("data.mdb", "lock.mdb", "daemon.log")
+
+
+def restrict_data_files(data_dir: str) -> list[str]:
+    """Take the group's and others' permissions off the data files; return the paths changed.
+
+    New files are created private, but files of an older version, or files copied into
+    the directory, may be open to other users. Symlinks are left alone, so that this never
+    changes a file elsewhere.
+    """
+    changed = []
+    for name in DATA_FILES:
+        path = os.path.join(data_dir, name)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        if stat.S_ISREG(info.st_mode) and mode & 0o077:
+            os.chmod(path, mode & 0o700)
+            changed.append(path)
+    return changed
+
+
 # Longest path that fits ``sockaddr_un.sun_path`` on Linux, which has 108 bytes with the
 # terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107

@@ -77,6 +77,8 @@ class Server:
         settings = self.settings
         security.prepare_private_dir(settings.data_dir, "data directory")
         security.prepare_socket_dir(settings.socket_path)
+        for path in security.restrict_data_files(settings.data_dir):
+            logger.warning("%s was open to other users; its mode is now private to its owner", path)
 
         with contextlib.ExitStack() as stack:
             stack.enter_context(security.exclusive_lock(os.path.join(settings.data_dir, "daemon.lock"), settings.data_dir))

@@ -189,6 +189,8 @@ class Store:
             metasync=True,
             readahead=False,
             meminit=False,
+            # New files are private to the user, whatever the directory's mode.
+            mode=0o600,
         )
         self._names = self.env.open_db(b"names")
         self._dicts = self.env.open_db(b"dicts")
