@@ -105,14 +105,19 @@ def run_workloads(
         print(f"{workload}: {describe(workload, scale)}", file=sys.stderr, flush=True)
         _, run = WORKLOADS[workload]
         started = time.monotonic()
+        # Each workload's data goes once it is done: the full run would otherwise keep
+        # gigabytes of it until the end.
+        workload_root = tempfile.mkdtemp(prefix=f"{workload.lower()}-", dir=root)
         context = None
         try:
-            with Servers(root) as servers:
-                context = Context(root, servers, scale, variants)
+            with Servers(workload_root) as servers:
+                context = Context(workload_root, servers, scale, variants)
                 run(context)
         except Exception as exc:
             failures[workload] = traceback.format_exc()
             print(f"  {workload} failed: {exc!r}\n{failures[workload]}", file=sys.stderr, flush=True)
+        finally:
+            shutil.rmtree(workload_root, ignore_errors=True)
         if context is not None:
             results.extend(context.results)
         print(f"  {workload} took {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
