@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import Daemon
 
 from sharedict import Dict, InvalidError
 from sharedict.api import protocol
@@ -48,7 +47,7 @@ def sleep_until(moment: float) -> None:
     time.sleep(max(0.0, moment - time.time()))
 
 
-def status(daemon: Daemon) -> dict:
+def status(daemon) -> dict:
     return daemon.client().call(Request(protocol.STATUS))
 
 
@@ -86,7 +85,7 @@ def test_expired_entry_invisible(daemon):
 
 
 @pytest.mark.parametrize("daemon_args", [UNSWEPT_ARGS])
-def test_expired_entry_invisible_before_sweep(daemon):
+def test_expired_entry_invisible_before_sweep(daemon, capsys):
     kv = Dict.from_name("kv", create_if_missing=True)
     kv["k"] = "old"
     time.sleep(LIFETIME)
@@ -98,6 +97,9 @@ def test_expired_entry_invisible_before_sweep(daemon):
     assert len(kv) == 0
     assert list(kv.keys()) == []
     assert list(kv.values()) == []
+    assert main(["get", "kv", "k"]) == 1
+    assert main(["items", "kv", "--json"]) == 0
+    assert "old" not in capsys.readouterr().out
     assert kv.put("k", "new", skip_if_exists=True) is True
     assert kv["k"] == "new"
 
@@ -171,17 +173,18 @@ def test_status_reports_sweeps(daemon, capsys):
 # Settings from the environment.
 
 
-def test_serve_reads_expiry_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("SHAREDICT_EXPIRE_AFTER", "3")
-    monkeypatch.setenv("SHAREDICT_SWEEP_INTERVAL", "0.5")
-    handle = Daemon(tmp_path, [])
-    handle.start()
-    try:
-        info = handle.client().call(Request(protocol.STATUS))
-    finally:
-        handle.close()
-    assert info["expire_after"] == 3.0
-    assert info["sweep_interval"] == 0.5
+class TestServeEnvironment:
+    @pytest.fixture
+    def daemon_args(self, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        # The daemon fixture starts the daemon after this, so it inherits these variables.
+        monkeypatch.setenv("SHAREDICT_EXPIRE_AFTER", "3")
+        monkeypatch.setenv("SHAREDICT_SWEEP_INTERVAL", "0.5")
+        return []
+
+    def test_serve_reads_expiry_environment(self, daemon):
+        info = status(daemon)
+        assert info["expire_after"] == 3.0
+        assert info["sweep_interval"] == 0.5
 
 
 def test_autostart_passes_expiry_environment(tmp_path):
