@@ -55,6 +55,7 @@ _INLINE = b"\x00"
 _HASHED = b"\x01"
 
 _U64 = struct.Struct(">Q")
+_MAX_SEQ = 2**64 - 1
 _STATS = struct.Struct(">QQ")  # entry count, next sequence number
 _ORDER_HEAD = struct.Struct(">QBH")  # last access, flags, key ref length
 _FLAG_STORED_KEY = 1  # the stored key differs from the canonical key and follows the key ref
@@ -175,7 +176,6 @@ class Store:
     ) -> None:
         self.data_dir = os.fspath(data_dir)
         self.expiry = ExpiryPolicy(expire_after, clock)
-        self.expire_after = self.expiry.expire_after
         self._clock = clock
         self._gate = _ResizeGate()
 
@@ -426,6 +426,8 @@ class Store:
         entries: list[Entry] = []
         touched: list[Touch] = []
         size = 0
+        if after_seq >= _MAX_SEQ:
+            return entries, touched, True  # no sequence number comes after the largest one
 
         with txn.cursor(db=self._order) as cursor:
             if not cursor.set_range(data_id + _U64.pack(after_seq + 1)):
