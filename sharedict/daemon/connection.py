@@ -2,9 +2,14 @@
 
 The connection's thread blocks in ``recv``, which on this machine kind is the cheapest way
 to serve a small request. Replies to reads are sent from that thread; replies to writes
-are sent from the writer thread once the write is durable. Neither thread may ever wait
-for a slow client, so every send is non-blocking, and what the socket cannot take at once
-goes to a backlog that a helper thread flushes.
+are sent from the writer thread once the write is durable. No send may wait for a slow
+client, so every send is non-blocking, and what the socket cannot take at once goes to a
+backlog that a helper thread flushes.
+
+Flow control keeps a client from filling the daemon's memory: while too many bytes of
+its replies wait in the backlog, or too many bytes of its writes wait for the writer,
+the connection's thread reads no further request. A client that pipelines requests
+faster than it reads replies therefore slows down to the pace at which it reads.
 """
 
 from __future__ import annotations
@@ -31,7 +36,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RECV_SIZE = 256 << 10
-# A client that stops reading its replies is cut off once this much waits for it.
+# Flow control: the connection's thread handles no further request while more than
+# MAX_UNSENT_BYTES of replies wait in the backlog, or more than MAX_PENDING_WRITE_BYTES
+# of request frames wait for the writer. Both are checked after a request was handled,
+# so a request of any size allowed by the protocol is served.
+MAX_UNSENT_BYTES = 32 << 20
+MAX_PENDING_WRITE_BYTES = 256 << 20
+# The replies to a run of pipelined requests are sent once they add up to this much, and
+# then the flow control limits are checked.
+SEND_BATCH_BYTES = 4 << 20
+# A client is cut off once this much waits for it. Flow control keeps the backlog far
+# below, so only replies that arrive while the client does not read can reach it.
 MAX_BACKLOG_BYTES = 1 << 30
 # Runs of replies smaller than this are joined and sent in one call. Larger replies are
 # sent as they are, so their bytes are never copied.
@@ -81,6 +96,9 @@ class Connection:
         self._send_lock = threading.Lock()
         self._backlog: collections.deque[bytes | memoryview] = collections.deque()
         self._backlog_bytes = 0
+        self._pending_write_bytes = 0
+        # Notified whenever the backlog or the pending writes shrink, or the connection closes.
+        self._caught_up = threading.Condition(self._send_lock)
         self._flushing = False
         self._closed = False
         self._draining = False
@@ -100,13 +118,23 @@ class Connection:
                 if not data:
                     return
                 reader.feed(data)
+                batch_bytes = 0
                 for body in reader.frames():
                     reply = self._handle_frame(body)
                     if reply is not None:
                         replies.append(reply)
+                        batch_bytes += len(reply)
+                    if batch_bytes >= SEND_BATCH_BYTES or self._pending_write_bytes > MAX_PENDING_WRITE_BYTES:
+                        self.send(replies)
+                        replies = []
+                        batch_bytes = 0
+                        if not self._wait_for_client():
+                            return
                 if replies:
                     self.send(replies)
                     replies = []
+                if not self._wait_for_client():
+                    return
         except protocol.FrameTooLarge as exc:
             self._reject(replies, RequestSizeError, exc)
         except protocol.MalformedFrame as exc:
@@ -152,7 +180,13 @@ class Connection:
             write = handlers.writes.get(op)
             if write is not None:
                 function, size = write(self, args)
-                self.server.writer.submit(function, self._reply_callback(request_id), size)
+                with self._send_lock:
+                    self._pending_write_bytes += len(body)
+                try:
+                    self.server.writer.submit(function, self._reply_callback(request_id, len(body)), size)
+                except BaseException:
+                    self._write_done(len(body))
+                    raise
                 return None
             extra = self.server.extra_operation(op)
             if extra is not None:
@@ -181,7 +215,7 @@ class Connection:
         self._greeted = True
         return protocol.encode_frame_bytes([request_id, protocol.STATUS_OK, self.server.hello_info()])
 
-    def _reply_callback(self, request_id: int):  # noqa: ANN202 - a closure for the writer
+    def _reply_callback(self, request_id: int, frame_size: int):  # noqa: ANN202 - a closure for the writer
         def reply(result: Any, error: BaseException | None) -> None:
             if error is None:
                 frame = protocol.encode_frame([request_id, protocol.STATUS_OK, result])
@@ -191,8 +225,27 @@ class Connection:
                 code, message = error_code(error)
                 frame = [protocol.encode_frame_bytes([request_id, code, message])]
             self.send(frame)
+            self._write_done(frame_size)
 
         return reply
+
+    def _write_done(self, frame_size: int) -> None:
+        with self._caught_up:
+            self._pending_write_bytes -= frame_size
+            self._caught_up.notify()
+
+    def _wait_for_client(self) -> bool:
+        """Block while the client is behind: too many replies unsent, or too many writes pending.
+
+        Returns False when the connection should handle no further request: it closed, or
+        the daemon is stopping while the client is still behind.
+        """
+        with self._caught_up:
+            while self._backlog_bytes > MAX_UNSENT_BYTES or self._pending_write_bytes > MAX_PENDING_WRITE_BYTES:
+                if self._closed or self._draining:
+                    return False
+                self._caught_up.wait()
+            return not self._closed
 
     def _read_reply(self, request_id: int, result: Any) -> bytes:
         body = self._packer.pack([request_id, protocol.STATUS_OK, result])
@@ -241,6 +294,7 @@ class Connection:
             )
             self._closed = True
             self._backlog.clear()
+            self._caught_up.notify()
             self._shutdown_socket()
 
     def _flush(self) -> None:
@@ -251,12 +305,14 @@ class Connection:
                     return
                 buffer = self._backlog.popleft()
                 self._backlog_bytes -= len(buffer)
+                self._caught_up.notify()
             try:
                 self.sock.sendall(buffer)
             except OSError:
                 with self._send_lock:
                     self._closed = True
                     self._flushing = False
+                    self._caught_up.notify()
                 return
 
     # Closing.
@@ -272,7 +328,9 @@ class Connection:
 
         The client's next send fails at once, so it knows that request was not sent.
         """
-        self._draining = True
+        with self._caught_up:
+            self._draining = True
+            self._caught_up.notify()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RD)
 
@@ -283,6 +341,7 @@ class Connection:
                 return
             self._closed = True
             self._backlog.clear()
+            self._caught_up.notify()
         self._shutdown_socket()
         self.sock.close()
         self.server.connection_closed(self)
