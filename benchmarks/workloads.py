@@ -501,4 +501,9 @@ WORKLOADS: dict[str, tuple[str, Callable[[Context], None]]] = {
 
 def describe(workload: str, scale: Scale) -> str:
     template, _ = WORKLOADS[workload]
-    return template.format(**dataclasses.asdict(scale))
+    fields = dataclasses.asdict(scale)
+    for name, value in fields.items():
+        if isinstance(value, tuple):
+            numbers = [f"{number:,}" for number in value]
+            fields[name] = ", ".join(numbers[:-1]) + " and " + numbers[-1] if len(numbers) > 1 else numbers[0]
+    return template.format(**fields)
