@@ -168,8 +168,8 @@ class WorkerPool:
             return f"a worker sent nothing within {WORKER_TIMEOUT:.0f} s"
         try:
             return connection.recv()
-        except EOFError:
-            return "a worker exited without a report"
+        except (EOFError, OSError):
+            return "a worker exited without a report; its traceback is above on stderr"
 
     def close(self) -> None:
         for connection in self._connections:
