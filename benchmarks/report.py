@@ -162,9 +162,21 @@ def render_text(lines: list[list[str]]) -> str:
     return "\n".join(rendered)
 
 
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell.replace(",", ""))
+    except ValueError:
+        return cell == "-"
+    return True
+
+
 def render_markdown(lines: list[list[str]]) -> str:
+    """Render a table in Markdown, with the columns of numbers aligned right."""
     header, *body = lines
-    alignment = ["---", "---", *("---:" for _ in header[2:])]
+    alignment = []
+    for index in range(len(header)):
+        numeric = bool(body) and all(_is_number(line[index]) for line in body)
+        alignment.append("---:" if numeric else "---")
     return "\n".join("| " + " | ".join(line) + " |" for line in [header, alignment, *body])
 
 
