@@ -65,22 +65,22 @@ class Scale:
 
 FULL = Scale()
 QUICK = Scale(
-    set_get_keys=1_000,
-    large_set_get_keys=300,
+    set_get_keys=500,
+    large_set_get_keys=200,
     mixed_keys=1_000,
-    mixed_seconds=0.3,
+    mixed_seconds=0.2,
     update_entries=1_000,
     iterate_items=5_000,
     iterate_repetitions=1,
     durable_writes=50,
-    gathered_gets=10_000,
+    gathered_gets=5_000,
     gathered_repetitions=2,
     large_value_bytes=4 * MiB,
     large_value_repetitions=1,
-    sizes=(1_000, 5_000, 20_000),
-    sized_gets=500,
+    sizes=(1_000, 5_000, 10_000),
+    sized_gets=300,
     memory_entries=20_000,
-    warm_up=100,
+    warm_up=50,
 )
 
 
