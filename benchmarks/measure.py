@@ -111,7 +111,7 @@ class WorkerPool:
     """Worker processes that run a timed step together, started once and reused.
 
     Processes are spawned rather than forked, because a forked copy of an open
-    connection or LMDB environment is not safe to use; spawning costs a second or more
+    connection or LMDB environment is not safe to use. Spawning costs a second or more
     per process on a busy machine, so a pool starts them once for a whole workload.
     """
 

@@ -11,9 +11,8 @@ from typing import Any
 class Result:
     """One figure: a metric of one variant on one workload.
 
-    ``durable`` is whether the variant's writes are on disk when the call returns; it is
-    recorded with every figure, reads included, because it describes the configuration
-    that was measured.
+    ``durable`` is whether the variant's writes are on disk when the call returns. Every
+    figure records it, reads included, because it describes the measured configuration.
     """
 
     workload: str

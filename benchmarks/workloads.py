@@ -41,7 +41,7 @@ MIXED_PLAN_LENGTH = 50_000
 
 @dataclass(frozen=True)
 class Scale:
-    """The sizes of every workload; ``FULL`` follows the published workload list."""
+    """The sizes of every workload: ``FULL`` for a full run, ``QUICK`` for ``--quick``."""
 
     set_get_keys: int = 20_000
     large_set_get_keys: int = 5_000
