@@ -17,7 +17,8 @@ Guarantees:
       one process: after ``fork()`` the child opens its own. It closes when its loop
       shuts down its async generators, as ``asyncio.run()`` and ``asyncio.Runner`` do.
       The connection of a loop closed without that step is closed when the client next
-      opens a connection.
+      opens a connection. Its transport cannot close itself on the closed loop, so
+      asyncio emits a ResourceWarning when that transport is freed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 import msgpack
 
 from sharedict.api import protocol
-from sharedict.api.autostart import start_daemon
+from sharedict.api.autostart import no_daemon_error, start_daemon
 from sharedict.api.errors import ConnectionLostError, DaemonUnavailableError, ProtocolError
 from sharedict.api.transport import Client, Request, check_daemon_user, reply_result
 
@@ -302,10 +303,7 @@ async def _open(client: Client, loop: asyncio.AbstractEventLoop) -> AsyncConnect
         if exc.errno not in _NO_DAEMON_ERRORS:
             raise DaemonUnavailableError(f"cannot connect to the daemon on {settings.socket_path}: {exc}") from exc
     if not settings.autostart:
-        raise DaemonUnavailableError(
-            f"no sharedict daemon is running on {settings.socket_path}; start one with `sharedict serve`, "
-            "or unset SHAREDICT_AUTOSTART=0 to let clients start it"
-        )
+        raise no_daemon_error(settings)
 
     await loop.run_in_executor(None, start_daemon, settings, client.daemon_is_up)
     try:
