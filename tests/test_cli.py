@@ -272,8 +272,22 @@ def test_get_missing_dict_fails(run, name):
     assert f"dict {name!r} not found" in err
 
 
+@pytest.mark.parametrize("command", [["get", "k"], ["items"], ["clear", "--yes"]])
+def test_missing_dict_suggests_list_not_create(run, name, command):
+    code, _, err = run(command[0], name, *command[1:])
+    assert code == 1
+    assert "`sharedict list`" in err
+    assert "sharedict create" not in err
+
+
 def test_get_in_environment_suggests_env_flag(run, name, env_name):
     code, _, err = run("get", name, "k", "-e", env_name)
+    assert code == 1
+    assert f"`sharedict list -e {env_name}`" in err
+
+
+def test_put_in_environment_suggests_create(run, name, env_name):
+    code, _, err = run("put", name, "k", "v", "-e", env_name)
     assert code == 1
     assert f"`sharedict create {name} -e {env_name}`" in err
 
@@ -694,6 +708,8 @@ def test_export_missing_dict_keeps_file(run, name, tmp_path):
     code, _, err = run("export", name, str(path))
     assert code == 1
     assert f"dict {name!r} not found" in err
+    assert "`sharedict list`" in err
+    assert "sharedict create" not in err
     assert path.read_bytes() == b"earlier backup"
 
 
@@ -882,6 +898,34 @@ def test_daemon_unavailable_is_one_line(run, no_daemon, monkeypatch):
     assert no_daemon in err
 
 
+def test_autostart_off_suggests_setting_one(run, no_daemon, monkeypatch):
+    monkeypatch.setenv("SHAREDICT_AUTOSTART", "off")
+    code, _, err = run("list")
+    assert code == 1
+    assert "set SHAREDICT_AUTOSTART=1 (it is 'off')" in err
+
+
+def test_zero_sweep_interval_fails_before_autostart(run, no_daemon, monkeypatch):
+    monkeypatch.setenv("SHAREDICT_SWEEP_INTERVAL", "0")
+    code, _, err = run("list")
+    assert code == 1
+    assert_one_line_error(err)
+    assert "SHAREDICT_SWEEP_INTERVAL='0' is invalid; set it to a positive number of seconds, such as 60" in err
+    assert "--sweep-interval" not in err
+    assert not os.path.exists(no_daemon)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--sweep-interval", "0"), ("--sweep-interval", "nan"), ("--expire-after", "-1"), ("--expire-after", "inf")],
+)
+def test_serve_invalid_seconds_is_usage_error(run, no_daemon, flag, value):
+    code, _, err = run("serve", flag, value)
+    assert code == 2
+    assert f"{value!r} is invalid; pass a positive number of seconds" in err
+    assert not os.path.exists(no_daemon)
+
+
 # Usage.
 
 
@@ -915,7 +959,8 @@ def test_invalid_dict_name_is_usage_error(run):
     assert "invalid dict name 'no spaces'" in err
 
 
-def test_invalid_count_is_usage_error(run, name):
-    code, _, err = run("items", name, "many")
+@pytest.mark.parametrize("count", ["many", "0", "-5", "2.5"])
+def test_invalid_count_is_usage_error(run, name, count):
+    code, _, err = run("items", name, count)
     assert code == 2
-    assert "'many' is not a valid integer" in err
+    assert f"{count!r} is invalid; N must be a positive whole number of entries" in err

@@ -19,9 +19,20 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from sharedict import AlreadyExistsError, Client, Dict, DictInfo, InvalidError, NotFoundError, SerializationError
+from sharedict import (
+    AlreadyExistsError,
+    Client,
+    DaemonUnavailableError,
+    Dict,
+    DictInfo,
+    InvalidError,
+    NotFoundError,
+    SerializationError,
+)
+from sharedict.api import protocol
 from sharedict.api.config import Settings
 from sharedict.api.dict import PAGE_SIZE
+from sharedict.api.transport import Request
 
 WAIT_TIMEOUT = 30.0
 
@@ -191,8 +202,14 @@ def test_from_id_invalid_raises(daemon, dict_id):
 
 def test_from_id_unknown_raises_on_use(daemon):
     d = Dict.from_id("di-0000000000000000")
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError, match="not found: no dict has this id, or it was deleted"):
         d.len()
+
+
+def test_unknown_id_request_message(daemon):
+    # The daemon's own message, which clients of the raw protocol see.
+    with pytest.raises(NotFoundError, match="not found: no dict has this id, or it was deleted"):
+        Client.default().call(Request(protocol.DICT_BY_ID, bytes(8)))
 
 
 # Ephemeral dicts.
@@ -1020,3 +1037,84 @@ def test_fork_child_ephemeral_deleted_on_exit(daemon):
 
     assert dict_id.startswith("di-")
     wait_until(lambda: not dict_exists(dict_id), f"the daemon deleted {dict_id}")
+
+
+# Settings from the environment.
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan", "soon"])
+def test_invalid_sweep_interval_environment_rejected(value):
+    with pytest.raises(InvalidError) as caught:
+        Settings.from_environ({"SHAREDICT_SWEEP_INTERVAL": value})
+    assert f"SHAREDICT_SWEEP_INTERVAL={value!r}" in str(caught.value)
+    assert "set it to a positive number of seconds, such as 60" in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "nan", "soon"])
+def test_invalid_expire_after_environment_names_zero(value):
+    with pytest.raises(InvalidError) as caught:
+        Settings.from_environ({"SHAREDICT_EXPIRE_AFTER": value})
+    assert f"SHAREDICT_EXPIRE_AFTER={value!r}" in str(caught.value)
+    assert "or 0 to turn expiry off" in str(caught.value)
+
+
+def test_zero_expire_after_environment_accepted():
+    assert Settings.from_environ({"SHAREDICT_EXPIRE_AFTER": "0"}).expire_after == 0.0
+
+
+def test_zero_sweep_interval_starts_no_daemon(tmp_path, monkeypatch):
+    socket_dir = tmp_path / "run"
+    monkeypatch.setenv("SHAREDICT_SOCKET", str(socket_dir / "sharedict.sock"))
+    monkeypatch.setenv("SHAREDICT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SHAREDICT_AUTOSTART", "1")
+    monkeypatch.setenv("SHAREDICT_SWEEP_INTERVAL", "0")
+    monkeypatch.setattr(Client, "_default", None)
+    with pytest.raises(InvalidError, match="SHAREDICT_SWEEP_INTERVAL='0' is invalid"):
+        Dict.from_name("jobs").len()
+    assert not socket_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "autostart"),
+    [
+        ("", True),
+        ("1", True),
+        ("TRUE", True),
+        ("Yes", True),
+        ("on", True),
+        ("0", False),
+        ("false", False),
+        (" NO ", False),
+        ("Off", False),
+    ],
+)
+def test_autostart_environment_values(value, autostart):
+    assert Settings.from_environ({"SHAREDICT_AUTOSTART": value}).autostart is autostart
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "y"])
+def test_invalid_autostart_lists_values(value):
+    with pytest.raises(InvalidError) as caught:
+        Settings.from_environ({"SHAREDICT_AUTOSTART": value})
+    assert f"SHAREDICT_AUTOSTART={value!r} is invalid" in str(caught.value)
+    assert "1, true, yes or on" in str(caught.value)
+    assert "0, false, no or off" in str(caught.value)
+
+
+def test_autostart_off_message_names_value(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHAREDICT_SOCKET", str(tmp_path / "absent.sock"))
+    monkeypatch.setenv("SHAREDICT_AUTOSTART", "no")
+    monkeypatch.setattr(Client, "_default", None)
+    with pytest.raises(DaemonUnavailableError) as caught:
+        Dict.from_name("jobs").len()
+    assert "set SHAREDICT_AUTOSTART=1 (it is 'no')" in str(caught.value)
+    assert "unset" not in str(caught.value)
+
+
+def test_autostart_off_in_code_message(tmp_path, monkeypatch):
+    monkeypatch.delenv("SHAREDICT_AUTOSTART")
+    client = Client(Settings(socket_path=str(tmp_path / "absent.sock"), data_dir=str(tmp_path), autostart=False))
+    with pytest.raises(DaemonUnavailableError) as caught:
+        Dict.from_name("jobs", client=client).len()
+    assert "Settings(autostart=True)" in str(caught.value)
+    assert "SHAREDICT_AUTOSTART" not in str(caught.value)

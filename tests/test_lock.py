@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -224,6 +225,55 @@ def test_lost_lock_keeps_token_for_fencing(daemon):
     old.acquire()
     new.acquire(timeout=WAIT_TIMEOUT)
     assert old.token < new.token
+
+
+def test_failed_release_keeps_token(daemon):
+    old = Lock.from_name("kept", lease=0.5)
+    new = Lock.from_name("kept")
+    old.acquire()
+    token = old.token
+    new.acquire(timeout=WAIT_TIMEOUT)
+    with pytest.raises(LockNotOwnedError):
+        old.release()
+    assert old.token == token
+    with pytest.raises(LockNotOwnedError, match=f"token {token} is not protected"):
+        old.extend()
+    assert old.token == token
+    with pytest.raises(LockNotOwnedError, match=f"token {token} is not protected"):
+        old.release()
+    assert old.token == token
+
+
+def test_failed_extend_aio_keeps_token(daemon):
+    async def lose_lock() -> tuple[int | None, int | None]:
+        old = Lock.from_name("kept-aio", lease=0.5)
+        new = Lock.from_name("kept-aio")
+        await old.acquire.aio()
+        token = old.token
+        await new.acquire.aio(timeout=WAIT_TIMEOUT)
+        with pytest.raises(LockNotOwnedError):
+            await old.extend.aio()
+        await new.release.aio()
+        return token, old.token
+
+    token, token_after = asyncio.run(lose_lock())
+    assert token is not None
+    assert token_after == token
+
+
+def test_acquire_after_lost_lock_replaces_token(daemon):
+    old = Lock.from_name("again", lease=0.5)
+    new = Lock.from_name("again")
+    old.acquire()
+    new.acquire(timeout=WAIT_TIMEOUT)
+    with pytest.raises(LockNotOwnedError):
+        old.release()
+    lost_token = old.token
+    new.release()
+    assert old.acquire(timeout=WAIT_TIMEOUT) is True
+    assert old.token > lost_token
+    old.release()
+    assert old.token is None
 
 
 def test_extend_restarts_lease(daemon):
@@ -475,6 +525,18 @@ def test_status_command_shows_lock(daemon, capsys):
     lock.acquire()
     assert cli.main(["status", "--socket", daemon.socket_path]) == 0
     assert "shown" in capsys.readouterr().out
+
+
+def test_status_command_shows_no_lease(daemon, capsys):
+    lock = Lock.from_name("unleased", lease=None)
+    lock.acquire()
+    assert cli.main(["status", "--socket", daemon.socket_path]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # Cells are separated by two or more spaces; a time has one space inside.
+    header = re.split(r" {2,}", next(line for line in lines if line.startswith("name ")).strip())
+    row = re.split(r" {2,}", next(line for line in lines if line.startswith("unleased ")).strip())
+    assert row[header.index("lease")] == "none"
+    assert row[header.index("lease remaining")] == "none"
 
 
 @pytest.mark.parametrize("lease", [0, -1, float("nan"), float("inf"), True])

@@ -133,7 +133,8 @@ def test_cold_start_ends_with_one_daemon(cold_paths):
     assert errors == []
     daemons = daemon_pids(data_dir)
     assert len(daemons) == 1, f"daemon processes: {daemons}"
-    lock_pid = int(Path(data_dir, "daemon.lock").read_text())
+    # The lock file holds the daemon's pid on its first line, then its socket path.
+    lock_pid = int(Path(data_dir, "daemon.lock").read_text().splitlines()[0])
     assert daemons == [lock_pid]
 
     client = Client(Settings(socket_path=socket_path, data_dir=data_dir, autostart=False))

@@ -6,6 +6,7 @@ they need root and are skipped otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
@@ -21,8 +22,9 @@ from helpers import daemon_pids, kill_pid, run_serve, socket_accepts, start_serv
 from sharedict import Dict
 from sharedict.api import protocol
 from sharedict.api.autostart import EXIT_ALREADY_RUNNING
+from sharedict.api.cli import main
 from sharedict.api.config import Settings
-from sharedict.api.errors import DaemonUnavailableError
+from sharedict.api.errors import DaemonUnavailableError, InvalidError
 from sharedict.api.transport import Client
 from sharedict.daemon import security
 
@@ -294,8 +296,39 @@ def test_socket_path_too_long_refused(tmp_path):
     socket_path = str(socket_dir / "sharedict.sock")
     completed = run_serve(socket_path, str(tmp_path / "data"))
     assert completed.returncode == 1
+    assert "Error: socket path" in completed.stderr
     assert "bytes long" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def _long_socket_path(tmp_path: Path) -> str:
+    return str(tmp_path / ("d" * 100) / "sharedict.sock")
+
+
+def test_client_rejects_long_socket_path(tmp_path):
+    socket_path = _long_socket_path(tmp_path)
+    with pytest.raises(InvalidError) as caught:
+        Client(Settings(socket_path=socket_path, data_dir=str(tmp_path / "data"), autostart=True))
+    message = str(caught.value)
+    assert socket_path in message
+    assert f"is {len(os.fsencode(socket_path))} bytes long" in message
+    assert "over the limit of 107 bytes" in message
+    assert "set SHAREDICT_SOCKET (or --socket) to a shorter path" in message
+
+
+def test_async_call_rejects_long_socket_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHAREDICT_SOCKET", _long_socket_path(tmp_path))
+    monkeypatch.setattr(Client, "_default", None)
+    with pytest.raises(InvalidError, match="bytes long"):
+        asyncio.run(Dict.from_name("jobs").len.aio())
+
+
+def test_status_rejects_long_socket_path(tmp_path, capsys):
+    code = main(["status", "--socket", _long_socket_path(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "bytes long" in err
+    assert "no sharedict daemon" not in err
 
 
 @needs_root
@@ -323,6 +356,22 @@ def test_second_daemon_same_data_dir_refused(module_daemon):
     assert module_daemon.data_dir in completed.stderr
     assert f"pid {module_daemon.process.pid}" in completed.stderr
     assert not os.path.exists(other_socket)
+
+
+def test_second_daemon_suggests_sharedict_stop(module_daemon):
+    other_socket = os.path.join(module_daemon.socket_dir, "other.sock")
+    completed = run_serve(other_socket, module_daemon.data_dir)
+    assert "Error: another sharedict daemon" in completed.stderr
+    assert "use it, or stop it with `sharedict stop` before starting a new one" in completed.stderr
+    assert "kill" not in completed.stderr
+
+
+def test_second_daemon_suggests_socket_of_first(module_daemon, monkeypatch):
+    # With SHAREDICT_SOCKET elsewhere, a plain `sharedict stop` would miss the first daemon.
+    other_socket = os.path.join(module_daemon.socket_dir, "other.sock")
+    monkeypatch.setenv("SHAREDICT_SOCKET", other_socket)
+    completed = run_serve(other_socket, module_daemon.data_dir)
+    assert f"`sharedict stop --socket {module_daemon.socket_path}`" in completed.stderr
 
 
 def test_second_daemon_same_data_dir_leaves_first_serving(module_daemon):

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
-from sharedict.api.config import Settings
+from sharedict.api.config import AUTOSTART_OFF, Settings
 from sharedict.api.errors import DaemonUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,19 @@ def start_daemon(settings: Settings, is_up: Callable[[], bool], timeout: float =
                     f"see {log_path}"
                 )
             time.sleep(0.005)
+
+
+def no_daemon_error(settings: Settings) -> DaemonUnavailableError:
+    """Return the error of a client that found no daemon and may not start one."""
+    value = os.environ.get("SHAREDICT_AUTOSTART", "")
+    if value.strip().lower() in AUTOSTART_OFF:
+        fix = f"or set SHAREDICT_AUTOSTART=1 (it is {value!r}) to let clients start it"
+    else:
+        # The environment allows auto-start, so the code that made the client turned it off.
+        fix = "or give the client Settings(autostart=True) to let it start one"
+    return DaemonUnavailableError(
+        f"no sharedict daemon is running on {settings.socket_path}; start one with `sharedict serve`, {fix}"
+    )
 
 
 def _log_tail(log_path: str, lines: int = 5) -> str:

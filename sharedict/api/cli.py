@@ -28,7 +28,7 @@ from sharedict.api import protocol
 from sharedict.api.autostart import EXIT_ALREADY_RUNNING
 from sharedict.api.cli_common import CommandError, print_rich
 from sharedict.api.cli_format import format_bytes, format_duration, format_timestamp
-from sharedict.api.config import Settings
+from sharedict.api.config import EXPIRE_AFTER_VALUES, SWEEP_INTERVAL_VALUES, Settings, parse_seconds
 from sharedict.api.errors import Error
 from sharedict.api.transport import Client, Request
 
@@ -67,6 +67,22 @@ def _daemon_client(socket_path: str | None) -> Client:
 socket_option = click.option(
     "--socket", "socket_path", metavar="PATH", help="Unix socket of the daemon [env: SHAREDICT_SOCKET]."
 )
+
+
+class _Seconds(click.ParamType):
+    """A number of seconds, which accepts what the matching environment variable accepts."""
+
+    name = "seconds"
+
+    def __init__(self, *, zero_allowed: bool, values: str) -> None:
+        self._zero_allowed = zero_allowed
+        self._values = values
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            return parse_seconds(value, zero_allowed=self._zero_allowed)
+        except ValueError:
+            self.fail(f"{value!r} is invalid; pass {self._values}", param, ctx)
 
 
 class _OutputClosed(Exception):
@@ -109,13 +125,13 @@ def cli() -> None:
 @click.option("--data-dir", metavar="PATH", help="Directory of the LMDB data [env: SHAREDICT_DATA_DIR].")
 @click.option(
     "--expire-after",
-    type=click.FloatRange(min=0),
+    type=_Seconds(zero_allowed=True, values=EXPIRE_AFTER_VALUES),
     help="Seconds without activity after which an entry expires; 0 disables expiry "
     "[default: 604800, env: SHAREDICT_EXPIRE_AFTER].",
 )
 @click.option(
     "--sweep-interval",
-    type=click.FloatRange(min=0, min_open=True),
+    type=_Seconds(zero_allowed=False, values=SWEEP_INTERVAL_VALUES),
     help="Seconds between sweeps of expired entries [default: 60, env: SHAREDICT_SWEEP_INTERVAL].",
 )
 @click.option(
@@ -160,7 +176,7 @@ def serve(
         if report is not None:
             os.write(report, (b"running:" if already_running else b"failed:") + str(exc).encode())
             os.close(report)
-        click.echo(f"sharedict serve: {exc}", err=True)
+        click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_ALREADY_RUNNING if already_running else 1)
 
 
@@ -247,7 +263,8 @@ def _print_locks(locks: list[dict[str, Any]]) -> None:
 
 def _lock_field(field: str, value: Any) -> str:
     if value is None:
-        return ""
+        # A lock taken with lease=None has no lease, so nothing remains of one either.
+        return "none" if field.startswith("lease") else ""
     if field.endswith("_at") and isinstance(value, (int, float)):
         return format_timestamp(value)
     if field.startswith("lease") and isinstance(value, (int, float)):

@@ -8,6 +8,7 @@ under ``"42"``, not under ``42``.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -159,13 +160,44 @@ def put_command(name: str, key: str, value: str, json_value: bool, environment_n
                 param_hint="VALUE",
             ) from None
 
-    handle = open_dict(name, environment_name)
+    handle = open_dict(name, environment_name, suggest_create=True)
     handle[key] = stored
 
 
-@click.command("items")
+ENTRY_COUNT_HINT = "N must be a positive whole number of entries, such as 20; pass --all to show every entry"
+
+
+class _EntryCount(click.ParamType):
+    """The N of ``items``: a positive whole number of entries."""
+
+    name = "N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value  # the default
+        text = value.strip()
+        if not (text.isascii() and text.isdigit() and int(text) > 0):
+            self.fail(f"{value!r} is invalid; {ENTRY_COUNT_HINT}", param, ctx)
+        return int(text)
+
+
+class _ItemsCommand(click.Command):
+    """The ``items`` command, which reports a negative N as an invalid N, not as an unknown option."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        given = list(args)  # the parser consumes ``args``
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            negative = next((arg for arg in given if re.fullmatch(r"-\d[\d.]*", arg)), None)
+            if negative is None or not negative.startswith(exc.option_name):
+                raise
+            raise click.BadParameter(f"{negative!r} is invalid; {ENTRY_COUNT_HINT}", ctx, param_hint="'[N]'") from None
+
+
+@click.command("items", cls=_ItemsCommand)
 @click.argument("name", type=DICT_NAME)
-@click.argument("count", metavar="[N]", type=click.IntRange(min=0), default=DEFAULT_ITEMS, required=False)
+@click.argument("count", metavar="[N]", type=_EntryCount(), default=DEFAULT_ITEMS, required=False)
 @click.option("-a", "--all", "show_all", is_flag=True, help="Show every entry, not only the first N.")
 @click.option("-r", "--repr", "use_repr", is_flag=True, help="Show repr() of keys and values instead of str().")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of {key, value} objects.")

@@ -66,21 +66,31 @@ def env_flag(environment_name: str) -> str:
     return "" if environment_name == DEFAULT_ENVIRONMENT else f" -e {environment_name}"
 
 
-def not_found_error(name: str, environment_name: str) -> CommandError:
+def not_found_error(name: str, environment_name: str, *, suggest_create: bool) -> CommandError:
+    flag = env_flag(environment_name)
+    if not suggest_create:
+        return CommandError(
+            f"dict {name!r} not found in environment {environment_name!r}; see the existing dicts with "
+            f"`sharedict list{flag}`"
+        )
     return CommandError(
         f"dict {name!r} not found in environment {environment_name!r}; create it with "
-        f"`sharedict create {name}{env_flag(environment_name)}`, or see the existing dicts with "
-        f"`sharedict list{env_flag(environment_name)}`"
+        f"`sharedict create {name}{flag}`, or see the existing dicts with `sharedict list{flag}`"
     )
 
 
-def open_dict(name: str, environment_name: str) -> Dict:
-    """Return a handle on an existing dict, raising ``CommandError`` when it is missing."""
+def open_dict(name: str, environment_name: str, *, suggest_create: bool = False) -> Dict:
+    """Return a handle on an existing dict, raising ``CommandError`` when it is missing.
+
+    ``suggest_create`` adds `sharedict create` to the error, for ``put``, which needs an
+    existing dict. The other commands suggest only `sharedict list`, because there a
+    missing dict is more likely a mistyped name.
+    """
     handle = Dict.from_name(name, environment_name=environment_name)
     try:
         handle.hydrate()
     except NotFoundError:
-        raise not_found_error(name, environment_name) from None
+        raise not_found_error(name, environment_name, suggest_create=suggest_create) from None
     return handle
 
 

@@ -219,7 +219,7 @@ class Dict:
     def _deleted_message(self) -> str:
         if self._name is None:
             return (
-                f"dict {_hex_id(self._id)} not found: it was deleted, or the id is wrong; an ephemeral dict "
+                f"dict {_hex_id(self._id)} not found: no dict has this id, or it was deleted; an ephemeral dict "
                 "is deleted when its `with` block exits or when the process that created it exits"
             )
         return (
@@ -242,7 +242,7 @@ class Dict:
             return self._id
         if self._id is not None:
             # A handle made by ``from_id`` learns its name and environment on first use.
-            self._apply_record((yield Request(protocol.DICT_BY_ID, self._id)))
+            self._apply_record((yield from self._request(protocol.DICT_BY_ID, self._id)))
             return self._id
         try:
             record = yield Request(protocol.DICT_OPEN, self._environment_name, self._name)

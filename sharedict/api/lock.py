@@ -48,14 +48,20 @@ def _check_seconds(what: str, value: Any, *, positive: bool) -> float | None:
 
 
 class _Hold:
-    """One acquisition of a lock by a ``Lock`` object."""
+    """One acquisition of a lock by a ``Lock`` object.
 
-    __slots__ = ("owner", "token", "pid")
+    ``lost`` is set once the daemon has said that this owner no longer holds the lock.
+    The hold is kept even then, so that ``Lock.token`` still shows the token that the
+    late work was fenced with.
+    """
+
+    __slots__ = ("owner", "token", "pid", "lost")
 
     def __init__(self, owner: bytes, token: int) -> None:
         self.owner = owner
         self.token = token
         self.pid = os.getpid()
+        self.lost = False
 
 
 class _PinnedConnections:
@@ -231,10 +237,13 @@ class Lock:
 
     @property
     def token(self) -> int | None:
-        """The fencing token of this object's current acquisition, or None without one.
+        """The fencing token of this object's last acquisition, or None without one.
 
-        The token stays set when the lease runs out unnoticed, which is its purpose: a
+        The token stays set when the lease runs out, also after ``release()`` or
+        ``extend()`` has raised ``LockNotOwnedError`` for it, which is its purpose: a
         resource that remembers the highest token it has seen rejects the late writer.
+        It is None before the first acquisition, after a successful ``release()``, and
+        in a process forked from the holder.
         """
         hold = self._hold
         if hold is None or hold.pid != os.getpid():
@@ -340,6 +349,8 @@ class Lock:
                 f"{action}() of {self._label} failed: the lock is held by process {hold.pid}, which acquired it "
                 "before this process was forked; only that process can release or extend it"
             )
+        if hold.lost:
+            raise LockNotOwnedError(self._lost_message(hold))
         return hold
 
     def _send_as_owner(self, op: str, hold: _Hold) -> Generator[Request, Any, None]:
@@ -358,7 +369,7 @@ class Lock:
                     f"{self._label} was acquired with the blocking `acquire()`, so this async call cannot "
                     "reach it; use `lock.release()` or `lock.extend()`"
                 ) from None
-            self._forget(hold)
+            hold.lost = True
             raise LockNotOwnedError(self._lost_message(hold)) from None
 
     def _lost_message(self, hold: _Hold) -> str:

@@ -22,8 +22,8 @@ import threading
 from typing import Any
 
 from sharedict.api import protocol
-from sharedict.api.autostart import start_daemon
-from sharedict.api.config import Settings
+from sharedict.api.autostart import no_daemon_error, start_daemon
+from sharedict.api.config import Settings, check_socket_path
 from sharedict.api.errors import ConnectionLostError, DaemonUnavailableError, ProtocolError, error_from_code
 
 logger = logging.getLogger(__name__)
@@ -169,6 +169,8 @@ class Client:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_environ()
+        # A path too long for a Unix socket fails only at connect(), with an error that names no fix.
+        check_socket_path(self.settings.socket_path)
         self._lock = threading.Lock()
         self._idle: list[SyncConnection] = []
         self._pid = os.getpid()
@@ -249,10 +251,7 @@ class Client:
             if exc.errno not in _NO_DAEMON_ERRORS:
                 raise DaemonUnavailableError(f"cannot connect to the daemon on {socket_path}: {exc}") from exc
         if not self.settings.autostart:
-            raise DaemonUnavailableError(
-                f"no sharedict daemon is running on {socket_path}; start one with `sharedict serve`, "
-                "or unset SHAREDICT_AUTOSTART=0 to let clients start it"
-            )
+            raise no_daemon_error(self.settings)
         start_daemon(self.settings, self.daemon_is_up)
         try:
             return SyncConnection(socket_path)

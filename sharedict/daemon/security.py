@@ -11,10 +11,14 @@ import contextlib
 import errno
 import fcntl
 import os
+import shlex
 import socket
 import stat
 import struct
 from collections.abc import Iterator
+
+from sharedict.api.config import check_socket_path, socket_path_from_environ
+from sharedict.api.errors import InvalidError
 
 
 class SetupError(Exception):
@@ -92,19 +96,12 @@ def restrict_data_files(data_dir: str) -> list[str]:
     return changed
 
 
-# Longest path that fits ``sockaddr_un.sun_path`` on Linux, which has 108 bytes with the
-# terminating NUL.
-MAX_SOCKET_PATH_BYTES = 107
-
-
 def prepare_socket_dir(socket_path: str) -> None:
     """Create the socket's directory with mode 0700, or check that it is private."""
-    length = len(os.fsencode(socket_path))
-    if length > MAX_SOCKET_PATH_BYTES:
-        raise SetupError(
-            f"socket path {socket_path} is {length} bytes long, over the limit of {MAX_SOCKET_PATH_BYTES} bytes "
-            "for Unix sockets; set SHAREDICT_SOCKET or --socket to a shorter path"
-        )
+    try:
+        check_socket_path(socket_path)
+    except InvalidError as exc:
+        raise SetupError(str(exc)) from None
     directory = os.path.dirname(socket_path)
     prepare_private_dir(directory, "socket directory")
     mode = stat.S_IMODE(os.stat(directory).st_mode)
@@ -116,8 +113,12 @@ def prepare_socket_dir(socket_path: str) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str, what: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path``; raise ``SetupError`` if another process holds it."""
+def exclusive_lock(path: str, what: str, socket_path: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path``; raise ``AlreadyRunning`` if another process holds it.
+
+    The file records this daemon's pid and ``socket_path``, so that a second daemon can
+    tell the user how to stop this one.
+    """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
@@ -125,22 +126,34 @@ def exclusive_lock(path: str, what: str) -> Iterator[None]:
         except BlockingIOError:
             raise AlreadyRunning(_already_running_message(fd, what)) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()}\n{socket_path}\n".encode())
         yield
     finally:
         os.close(fd)
 
 
 def _already_running_message(fd: int, what: str) -> str:
-    # The holder writes its pid right after it takes the lock, so the file may still be
-    # empty when both start at the same moment.
-    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    if not holder.isdigit():
+    # The holder writes its pid and socket path right after it takes the lock, so the
+    # file may still be empty when both start at the same moment.
+    pid, _, socket_path = os.pread(fd, 4096, 0).decode(errors="replace").strip().partition("\n")
+    if not pid.isdigit():
         return f"another sharedict daemon is already running for {what}; stop it before starting a new one"
+    if not socket_path:
+        # A daemon of an older version records only its pid.
+        stop = f"stop it (for example with `kill {pid}`)"
+    else:
+        stop = f"stop it with `{stop_command(socket_path)}`"
     return (
-        f"another sharedict daemon (pid {holder}) is already running for {what}; "
-        f"use it, or stop it (for example with `kill {holder}`) before starting a new one"
+        f"another sharedict daemon (pid {pid}) is already running for {what}; "
+        f"use it, or {stop} before starting a new one"
     )
+
+
+def stop_command(socket_path: str) -> str:
+    """Return the ``sharedict stop`` command line that reaches the daemon on ``socket_path``."""
+    if socket_path == socket_path_from_environ():
+        return "sharedict stop"
+    return f"sharedict stop --socket {shlex.quote(socket_path)}"
 
 
 def bind_socket(socket_path: str) -> socket.socket:
@@ -158,7 +171,9 @@ def bind_socket(socket_path: str) -> socket.socket:
         if not stat.S_ISSOCK(existing.st_mode):
             raise SetupError(f"{socket_path} exists and is not a socket; remove it or choose another socket path")
         if _socket_is_live(socket_path):
-            raise AlreadyRunning(f"a daemon is already listening on {socket_path}; stop it with `sharedict stop` first")
+            raise AlreadyRunning(
+                f"a daemon is already listening on {socket_path}; stop it with `{stop_command(socket_path)}` first"
+            )
         os.unlink(socket_path)
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -81,8 +81,10 @@ class Server:
             logger.warning("%s was open to other users; its mode is now private to its owner", path)
 
         with contextlib.ExitStack() as stack:
-            stack.enter_context(security.exclusive_lock(os.path.join(settings.data_dir, "daemon.lock"), settings.data_dir))
-            stack.enter_context(security.exclusive_lock(settings.socket_path + ".lock", settings.socket_path))
+            data_lock = os.path.join(settings.data_dir, "daemon.lock")
+            stack.enter_context(security.exclusive_lock(data_lock, settings.data_dir, settings.socket_path))
+            socket_lock = settings.socket_path + ".lock"
+            stack.enter_context(security.exclusive_lock(socket_lock, settings.socket_path, settings.socket_path))
 
             self.store = Store(settings.data_dir, expire_after=settings.expire_after)
             stack.callback(self.store.close)

@@ -351,7 +351,7 @@ class Store:
     def _load_dict(self, txn: lmdb.Transaction, object_id: bytes) -> DictRecord:
         raw = txn.get(object_id, db=self._dicts)
         if raw is None:
-            raise DictNotFound(f"dict di-{object_id.hex()} not found; it was deleted")
+            raise DictNotFound(f"dict di-{object_id.hex()} not found: no dict has this id, or it was deleted")
         return DictRecord.unpack(object_id, raw)
 
     def _new_id(self, txn: lmdb.Transaction, db: object) -> bytes:
