@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import os
 import pwd
+import resource
 import shutil
 import socket
 import stat
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from stress import workloads
 from stress.lmdb_integrity import check_data_dir
 
 from helpers import run_serve, start_serve, stop_process, wait_until
@@ -207,6 +209,59 @@ def test_full_disk_leaves_consistent_store(full_disk):
     report = check_data_dir(full_disk.data_dir)
     assert report.problems == []
     assert report.entries == len(full_disk.keys)
+
+
+# A map that cannot grow is an error too. The daemon's address space is limited with
+# prlimit, so that growing its map fails the way it would in a small container.
+
+
+def virtual_memory_size(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmSize in /proc/{pid}/status")
+
+
+def test_map_that_cannot_grow_raises_storage_full_error(tmp_path):
+    socket_dir = tempfile.mkdtemp(prefix="sd-", dir="/tmp")
+    socket_path = os.path.join(socket_dir, "sharedict.sock")
+    data_dir = str(tmp_path / "data")
+    # One malloc arena keeps the daemon's address space from jumping when threads start.
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+    process = workloads.start_daemon(socket_path, data_dir, str(tmp_path / "daemon.log"), map_size=32 * MiB, env=env)
+    try:
+        # Room to grow the map from 32 to 64 and 128 MiB (96 MiB more), but not to 256 MiB.
+        limit = virtual_memory_size(process.pid) + 160 * MiB
+        resource.prlimit(process.pid, resource.RLIMIT_AS, (limit, limit))
+        handle = Dict.from_name("no-growth", create_if_missing=True, client=workloads.client_of(socket_path, data_dir))
+        keys = []
+        failure = None
+        for number in range(400):
+            key = f"key-{number}"
+            try:
+                handle[key] = checked_value(key)
+            except StorageFullError as exc:
+                failure = exc
+                break
+            keys.append(key)
+
+        assert failure is not None
+        message = str(failure)
+        assert data_dir in message
+        assert "memory map" in message
+        assert "delete entries" in message.lower()
+        assert process.poll() is None
+        assert [key for key in keys if handle.get(key) != checked_value(key)] == []
+
+        for key in keys[:4]:
+            del handle[key]
+        handle["after-delete"] = checked_value("after-delete")
+        assert handle["after-delete"] == checked_value("after-delete")
+    finally:
+        stop_process(process)
+        shutil.rmtree(socket_dir, ignore_errors=True)
+    assert check_data_dir(data_dir).problems == []
 
 
 # A bad value hurts only its caller: clear errors, nothing half-stored.

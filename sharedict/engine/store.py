@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import mmap
 import os
 import secrets
 import struct
@@ -63,6 +64,9 @@ _FLAG_STORED_KEY = 1  # the stored key differs from the canonical key and follow
 INITIAL_MAP_SIZE = 1 << 30
 # The map grows when a write could bring it past this share of its size.
 GROW_THRESHOLD = 0.75
+# After a failed attempt to grow the map, writes try again ahead of time only after this
+# many seconds, so that a map that cannot grow does not log a warning per commit.
+GROW_RETRY_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -178,8 +182,13 @@ class Store:
         self.expiry = ExpiryPolicy(expire_after, clock)
         self._clock = clock
         self._gate = _ResizeGate()
+        self._growth_failed_at: float | None = None
 
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        self._open(map_size)
+        self._check_format()
+
+    def _open(self, map_size: int) -> None:
         self.env = lmdb.open(
             self.data_dir,
             map_size=map_size,
@@ -200,7 +209,6 @@ class Store:
         self._access = self.env.open_db(b"access")
         self._garbage = self.env.open_db(b"garbage")
         self._meta = self.env.open_db(b"meta")
-        self._check_format()
 
     def close(self) -> None:
         self.env.close()
@@ -245,20 +253,41 @@ class Store:
         needed = used + 2 * incoming_bytes
         if needed <= info["map_size"] * GROW_THRESHOLD:
             return
+        if self._growth_failed_at is not None and time.monotonic() - self._growth_failed_at < GROW_RETRY_SECONDS:
+            return  # the write itself grows the map if it finds it full
         new_size = info["map_size"]
         while needed > new_size * GROW_THRESHOLD:
             new_size *= 2
         self.grow_map(new_size)
 
     def grow_map(self, new_size: int | None = None) -> None:
-        """Set a larger map size while no transaction of this process is open."""
+        """Set a larger map size while no transaction of this process is open.
+
+        Raises ``StorageFull`` when the process lacks the address space for the larger
+        map; the store keeps working at its old size.
+        """
         old_size = self.env.info()["map_size"]
         new_size = new_size or old_size * 2
+        try:
+            _reserve_address_space(new_size - old_size)
+        except OSError as exc:
+            self._growth_failed_at = time.monotonic()
+            raise StorageFull(
+                f"cannot grow the map of {self.data_dir} from {old_size} to {new_size} bytes: the daemon's address "
+                f"space is too small ({exc}); raise its limit (ulimit -v), or delete entries or dicts to make room"
+            ) from exc
+
         with self._gate.exclusive():
             try:
                 self.env.set_mapsize(new_size)
             except lmdb.Error as exc:
+                # py-lmdb leaves the environment unusable after a failed remap, so open
+                # it again at the size that worked.
+                self.env.close()
+                self._open(old_size)
+                self._growth_failed_at = time.monotonic()
                 raise StorageFull(f"cannot grow the map of {self.data_dir} to {new_size} bytes: {exc}") from exc
+        self._growth_failed_at = None
         logger.warning("map grown from %d MiB to %d MiB", old_size >> 20, new_size >> 20)
 
     # Dicts.
@@ -715,6 +744,19 @@ class Store:
         value = (_U64.unpack(raw)[0] if raw else 0) + 1
         txn.put(b"counter:" + name, _U64.pack(value), db=self._meta)
         return value
+
+
+def _reserve_address_space(size: int) -> None:
+    """Raise ``OSError`` unless ``size`` more bytes of address space can be mapped now.
+
+    LMDB unmaps the old map before it maps the larger one, and when that fails the
+    environment is lost. A reservation without access rights costs no memory, but the
+    kernel refuses it under the same limits (``ulimit -v``) as the real map.
+    """
+    if size <= 0:
+        return
+    reservation = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=0)
+    reservation.close()
 
 
 def _successor(data_id: bytes) -> bytes | None:

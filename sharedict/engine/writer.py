@@ -124,14 +124,20 @@ class GroupCommitWriter:
     def _commit(self, batch: list[_Write]) -> None:
         try:
             self.store.ensure_room(sum(write.size for write in batch))
-        except StorageFull as exc:
+        except (StorageFull, lmdb.Error) as exc:
             logger.warning("%s", exc)
 
-        results = self._apply_together(batch)
-        if results is None:
-            # One write failed in a way that spoils the transaction: apply each alone, so
-            # that only the faulty one fails.
-            results = [self._apply_alone(write) for write in batch]
+        try:
+            results = self._apply_together(batch)
+            if results is None:
+                # One write failed in a way that spoils the transaction: apply each
+                # alone, so that only the faulty one fails.
+                results = [self._apply_alone(write) for write in batch]
+        except Exception as exc:
+            # The writer thread must survive whatever happens, or every later write
+            # would wait for it forever.
+            logger.exception("a batch of %d writes failed", len(batch))
+            results = [(None, exc)] * len(batch)
 
         self.commits += 1
         self.writes += len(batch)
@@ -259,17 +265,19 @@ class GroupCommitWriter:
 
 
 def _storage_full(store: Store, write: _Write, exc: lmdb.Error) -> StorageFull:
-    """Describe a write that LMDB could not store: the data directory, its free space, and the fix."""
+    """Describe a write that LMDB could not store: the data directory, what is full, and the fix."""
+    where = f"cannot store a write of {write.size} bytes in data directory {store.data_dir}"
+    if isinstance(exc, lmdb.MapFullError):
+        return StorageFull(
+            f"{where}: its memory map of {store.env.info()['map_size']} bytes is full and could not grow "
+            "(the daemon log has the reason). Delete entries or dicts to make room (sharedict reuses their space), "
+            "or raise the daemon's address-space limit (ulimit -v), then retry"
+        )
     try:
         free = f"{shutil.disk_usage(store.data_dir).free / (1 << 20):.1f} MiB free"
     except OSError as usage_error:
         free = f"unknown free space ({usage_error})"
-    if isinstance(exc, lmdb.MapFullError):
-        cause = f"the memory map of {store.env.info()['map_size']} bytes is full and cannot grow ({exc})"
-    else:
-        cause = f"LMDB failed to write ({exc})"
     return StorageFull(
-        f"cannot store a write of {write.size} bytes in data directory {store.data_dir}: {cause}; its "
-        f"filesystem has {free}. Free space on that filesystem, or delete entries or dicts to make room "
-        "(sharedict reuses their space), then retry"
+        f"{where}: LMDB failed to write ({exc}); its filesystem has {free}. Free space on that filesystem, "
+        "or delete entries or dicts to make room (sharedict reuses their space), then retry"
     )

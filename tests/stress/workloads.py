@@ -50,13 +50,19 @@ def is_intact(value: Any) -> bool:
     return hashlib.sha256(value[:-DIGEST_SIZE]).digest() == value[-DIGEST_SIZE:]
 
 
-def start_daemon(socket_path: str, data_dir: str, log_path: str, map_size: int | None = None) -> subprocess.Popen[bytes]:
+def start_daemon(
+    socket_path: str,
+    data_dir: str,
+    log_path: str,
+    map_size: int | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
     """Start ``sharedict serve``, with an initial map of ``map_size`` bytes when given."""
     command = serve_command(socket_path, data_dir, "--log-level", "DEBUG")
     if map_size is not None:
         command = [sys.executable, "-c", _SMALL_MAP_LAUNCHER, str(map_size), *command[3:]]
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
     if not wait_until(lambda: socket_accepts(socket_path) or process.poll() is not None):
         process.kill()
         process.wait()
