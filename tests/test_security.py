@@ -89,7 +89,17 @@ def test_socket_in_group_writable_directory_refused(paths):
     os.chmod(os.path.dirname(socket_path), 0o770)
     completed = run_serve(socket_path, data_dir)
     assert completed.returncode == 1
-    assert "writable by group or others" in completed.stderr
+    assert "not private to you" in completed.stderr
+    assert not os.path.exists(socket_path)
+
+
+def test_socket_in_shared_tmp_suggests_private_path(paths):
+    _, data_dir = paths
+    socket_path = os.path.join("/tmp", f"sd-shared-{os.getpid()}.sock")
+    completed = run_serve(socket_path, data_dir)
+    assert completed.returncode == 1
+    assert "set SHAREDICT_SOCKET to a path in a directory of your own" in completed.stderr
+    assert "chmod" not in completed.stderr
     assert not os.path.exists(socket_path)
 
 

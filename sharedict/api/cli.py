@@ -33,6 +33,8 @@ from sharedict.api.errors import Error
 from sharedict.api.transport import Client, Request
 
 STOP_TIMEOUT = 30.0
+# Seconds `status` and `stop` wait for the daemon's reply: a stopped daemon must not hang them.
+STATUS_TIMEOUT = 10.0
 
 # The data commands live in modules that import rich, which are loaded when one of their
 # commands runs: `sharedict serve`, which every auto-start runs, stays quick to start.
@@ -61,7 +63,7 @@ def _settings(socket_path: str | None, data_dir: str | None, **overrides: Any) -
 
 def _daemon_client(socket_path: str | None) -> Client:
     """A client that never starts a daemon: inspecting one must not create one."""
-    return Client(_settings(socket_path, None, autostart=False))
+    return Client(_settings(socket_path, None, autostart=False), request_timeout=STATUS_TIMEOUT)
 
 
 socket_option = click.option(

@@ -19,18 +19,32 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 from sharedict.api import protocol
 from sharedict.api.autostart import no_daemon_error, start_daemon
 from sharedict.api.config import Settings, check_socket_path
-from sharedict.api.errors import ConnectionLostError, DaemonUnavailableError, ProtocolError, error_from_code
+from sharedict.api.errors import (
+    ConnectionLostError,
+    DaemonUnavailableError,
+    ProtocolError,
+    RequestSizeError,
+    error_from_code,
+)
 
 logger = logging.getLogger(__name__)
 
 RECV_SIZE = 256 << 10
 MAX_IDLE_CONNECTIONS = 16
 _NO_DAEMON_ERRORS = (errno.ENOENT, errno.ECONNREFUSED)
+
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a daemon may take to accept a connection and answer its hello."""
+
+RECONNECT_TIMEOUT = 10.0
+"""Seconds to keep reconnecting to a daemon that closes connections during the handshake,
+as a stopping or crashing daemon does."""
 
 
 class Request:
@@ -84,11 +98,17 @@ def check_daemon_user(sock: socket.socket, socket_path: str) -> None:
 
 
 class SyncConnection:
-    """A blocking connection that carries one request at a time."""
+    """A blocking connection that carries one request at a time.
 
-    def __init__(self, socket_path: str) -> None:
+    ``request_timeout`` bounds the wait for each reply (None waits as long as the
+    daemon works); the handshake is always bounded by ``HANDSHAKE_TIMEOUT``.
+    """
+
+    def __init__(self, socket_path: str, request_timeout: float | None = None) -> None:
         self.pid = os.getpid()
+        self.socket_path = socket_path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(HANDSHAKE_TIMEOUT)
         try:
             self._sock.connect(socket_path)
             check_daemon_user(self._sock, socket_path)
@@ -101,21 +121,24 @@ class SyncConnection:
         try:
             self.server_info = self.request(Request(protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid()))
         except (_NotSent, _ReplyLost):
-            # The daemon accepted the connection and closed it before the handshake
-            # ended: it rejects other users, and a daemon that is stopping does the same.
-            raise ConnectionResetError(
-                errno.ECONNRESET,
-                "the daemon closed the connection during the handshake; a daemon run by another user "
-                "rejects your connections, otherwise check its log",
-            ) from None
+            # Our own user's daemon accepted the connection and closed it before the
+            # handshake ended, as a daemon that is stopping or crashing does.
+            raise ConnectionResetError(errno.ECONNRESET, "the daemon closed the connection during the handshake") from None
         except BaseException:
             self.close()
             raise
+        self._sock.settimeout(request_timeout)
 
     def request(self, request: Request) -> Any:
         self._next_id += 1
         request_id = self._next_id
-        frame = protocol.encode_frame([request_id, request.op, *request.args])
+        try:
+            frame = protocol.encode_frame([request_id, request.op, *request.args])
+        except protocol.FrameTooLarge as exc:
+            raise RequestSizeError(
+                f"{request.op} request of {exc.size} bytes exceeds the {protocol.MAX_FRAME_SIZE // protocol.MiB} MiB "
+                "limit of one request; store large objects in files and keep their paths in the dict"
+            ) from None
         try:
             if len(frame[1]) < 65536:
                 self._sock.sendall(frame[0] + frame[1])
@@ -144,6 +167,13 @@ class SyncConnection:
                 ) from exc
             try:
                 data = self._sock.recv(RECV_SIZE)
+            except TimeoutError:
+                self.close()
+                raise DaemonUnavailableError(
+                    f"the daemon on {self.socket_path} did not answer {request.op} within "
+                    f"{self._sock.gettimeout() or HANDSHAKE_TIMEOUT:g} s; it may be stopped or overloaded, "
+                    "so check it with `sharedict status` and its log"
+                ) from None
             except OSError as exc:
                 self.close()
                 raise _ReplyLost from exc
@@ -167,10 +197,11 @@ class Client:
     _default: Client | None = None
     _default_lock = threading.Lock()
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, request_timeout: float | None = None) -> None:
         self.settings = settings or Settings.from_environ()
         # A path too long for a Unix socket fails only at connect(), with an error that names no fix.
         check_socket_path(self.settings.socket_path)
+        self.request_timeout = request_timeout
         self._lock = threading.Lock()
         self._idle: list[SyncConnection] = []
         self._pid = os.getpid()
@@ -244,19 +275,37 @@ class Client:
         self._pid = os.getpid()
 
     def _connect(self) -> SyncConnection:
+        """Open a connection, starting the daemon when none runs and auto-start is on.
+
+        A daemon that resets connections during the handshake is stopping or crashing;
+        its successor (started by a supervisor, another client, or auto-start here) is
+        waited for up to ``RECONNECT_TIMEOUT`` seconds.
+        """
         socket_path = self.settings.socket_path
-        try:
-            return SyncConnection(socket_path)
-        except OSError as exc:
-            if exc.errno not in _NO_DAEMON_ERRORS:
-                raise DaemonUnavailableError(f"cannot connect to the daemon on {socket_path}: {exc}") from exc
-        if not self.settings.autostart:
-            raise no_daemon_error(self.settings)
-        start_daemon(self.settings, self.daemon_is_up)
-        try:
-            return SyncConnection(socket_path)
-        except OSError as exc:
-            raise DaemonUnavailableError(f"the daemon started but refuses connections on {socket_path}: {exc}") from exc
+        deadline = time.monotonic() + RECONNECT_TIMEOUT
+        started = False
+        while True:
+            try:
+                return SyncConnection(socket_path, self.request_timeout)
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                if time.monotonic() > deadline:
+                    raise DaemonUnavailableError(
+                        f"the daemon on {socket_path} kept closing connections during the handshake for "
+                        f"{RECONNECT_TIMEOUT:g} s; check its log"
+                    ) from exc
+                time.sleep(0.05)
+                continue
+            except OSError as exc:
+                if exc.errno not in _NO_DAEMON_ERRORS:
+                    raise DaemonUnavailableError(f"cannot connect to the daemon on {socket_path}: {exc}") from exc
+                if started:
+                    raise DaemonUnavailableError(
+                        f"the daemon started but refuses connections on {socket_path}: {exc}"
+                    ) from exc
+            if not self.settings.autostart:
+                raise no_daemon_error(self.settings)
+            start_daemon(self.settings, self.daemon_is_up)
+            started = True
 
     def daemon_is_up(self) -> bool:
         """Return whether a daemon accepts connections on the socket."""

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Seconds a new connection may take to send its hello.
+HANDSHAKE_TIMEOUT = 10.0
 RECV_SIZE = 256 << 10
 # Flow control: the connection's thread handles no further request while more than
 # MAX_UNSENT_BYTES of replies wait in the backlog, or more than MAX_PENDING_WRITE_BYTES
@@ -112,6 +114,8 @@ class Connection:
     def serve(self) -> None:
         reader = protocol.FrameReader()
         replies: list[bytes] = []
+        # A connection that never says hello only holds a thread and a descriptor.
+        self.sock.settimeout(HANDSHAKE_TIMEOUT)
         try:
             while not self._closed:
                 data = self.sock.recv(RECV_SIZE)
@@ -139,6 +143,10 @@ class Connection:
             self._reject(replies, RequestSizeError, exc)
         except protocol.MalformedFrame as exc:
             self._reject(replies, ProtocolError, exc)
+        except TimeoutError:
+            logger.warning(
+                "connection %d (pid %d) sent no hello within %s s; closing it", self.id, self.pid, HANDSHAKE_TIMEOUT
+            )
         except OSError as exc:
             logger.debug("connection %d (pid %d) failed: %s", self.id, self.pid, exc)
         except Exception:
@@ -213,6 +221,7 @@ class Connection:
                 "install the same sharedict version for both, or stop the daemon with `sharedict stop`",
             )
         self._greeted = True
+        self.sock.settimeout(None)
         return protocol.encode_frame_bytes([request_id, protocol.STATUS_OK, self.server.hello_info()])
 
     def _reply_callback(self, request_id: int, frame_size: int):  # noqa: ANN202 - a closure for the writer
@@ -322,6 +331,10 @@ class Connection:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def disconnect(self) -> None:
+        """End the connection from outside its thread, which then cleans up as after a client's close."""
+        self._shutdown_socket()
 
     def stop_reading(self) -> None:
         """Read no more requests, and keep the connection open for the replies owed.

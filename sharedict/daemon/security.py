@@ -103,13 +103,18 @@ def prepare_socket_dir(socket_path: str) -> None:
     except InvalidError as exc:
         raise SetupError(str(exc)) from None
     directory = os.path.dirname(socket_path)
-    prepare_private_dir(directory, "socket directory")
-    mode = stat.S_IMODE(os.stat(directory).st_mode)
-    if mode & 0o022:
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        info = None
+    if info is not None and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+        # A shared directory such as /tmp must not be changed: the socket moves instead.
         raise SetupError(
-            f"socket directory {directory} is writable by group or others (mode {mode:o}); "
-            f"run chmod 700 {directory} or set SHAREDICT_SOCKET to a path in a private directory"
+            f"socket directory {directory} is not private to you (owner uid {info.st_uid}, mode "
+            f"{stat.S_IMODE(info.st_mode):o}); set SHAREDICT_SOCKET to a path in a directory of your own, "
+            f"such as {os.path.join(directory, f'sharedict-{os.getuid()}', 'sharedict.sock')}"
         )
+    prepare_private_dir(directory, "socket directory")
 
 
 @contextlib.contextmanager

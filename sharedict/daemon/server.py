@@ -41,6 +41,10 @@ _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ExtraOperation = Callable[[Connection, int, list[Any]], "bytes | None"]
 
 
+# Seconds between checks that each connection's process is still alive.
+PEER_CHECK_INTERVAL = 1.0
+
+
 class Server:
     """The daemon's state: the store, its writer and sweeper, and the open connections."""
 
@@ -96,6 +100,7 @@ class Server:
             self.locks.start()
             self.reap_ephemeral_dicts()
             self.sweeper.start()
+            threading.Thread(target=self._watch_peers, name="sharedict-peers", daemon=True).start()
 
             listener = security.bind_socket(settings.socket_path)
             stack.callback(self._remove_socket, settings.socket_path)
@@ -227,6 +232,21 @@ class Server:
             pid_still_connected = any(other.pid == conn.pid for other in self._connections.values())
         if not pid_still_connected and not self._stopping.is_set():
             self._delete_ephemeral_dicts(lambda owner_pid: owner_pid == conn.pid)
+
+    def _watch_peers(self) -> None:
+        """Close the connections of processes that have exited.
+
+        A forked child inherits its parent's sockets, so a connection can outlive the
+        process that opened it. The parent's locks and ephemeral dicts must still go
+        when the parent dies, so a connection ends with the process that opened it.
+        """
+        while not self._stopping.wait(PEER_CHECK_INTERVAL):
+            with self._connections_lock:
+                connections = list(self._connections.values())
+            for conn in connections:
+                if not _process_exists(conn.pid):
+                    logger.info("closing connection %d: its process %d has exited", conn.id, conn.pid)
+                    conn.disconnect()
 
     def reap_ephemeral_dicts(self) -> None:
         """Delete the ephemeral dicts of processes that have gone away."""

@@ -1,0 +1,95 @@
+"""A connection lives as long as its process, and a stuck daemon never hangs a client forever."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from sharedict import Dict, Lock, RequestSizeError
+from sharedict.api import protocol
+from sharedict.api.cli import main
+from sharedict.api.transport import Request
+
+# The parent takes a lock and creates an ephemeral dict, forks a child that outlives
+# it with copies of the parent's sockets, and exits without closing anything.
+PARENT_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    from sharedict import Dict, Lock
+
+    lock = Lock.from_name("held", lease=None)
+    assert lock.acquire(timeout=5)
+    scratch = Dict.ephemeral().__enter__()
+    scratch["k"] = 1
+    child = os.fork()
+    if child == 0:
+        os.close(1)
+        os.close(2)
+        time.sleep(60)
+        os._exit(0)
+    print(scratch.object_id, child, flush=True)
+    os._exit(0)
+    """
+)
+
+
+def _wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_dead_parent_frees_lock_despite_forked_child(daemon, child_env):
+    parent = subprocess.run(
+        [sys.executable, "-c", PARENT_SCRIPT], env=child_env, capture_output=True, text=True, timeout=60
+    )
+    assert parent.returncode == 0, parent.stderr
+    object_id, child_pid = parent.stdout.split()
+
+    lock = Lock.from_name("held", lease=None)
+    try:
+        assert lock.acquire(timeout=10)
+        lock.release()
+        assert _wait_for(lambda: not _exists(object_id))
+    finally:
+        os.kill(int(child_pid), signal.SIGKILL)
+
+
+def _exists(object_id: str) -> bool:
+    try:
+        Dict.from_id(object_id).len()
+    except Exception:
+        return False
+    return True
+
+
+def test_status_times_out_on_stopped_daemon(daemon, capsys):
+    os.kill(daemon.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        status = main(["status", "--socket", daemon.socket_path])
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(daemon.process.pid, signal.SIGCONT)
+    assert status == 1
+    assert elapsed < 60
+    assert "did not answer" in capsys.readouterr().err
+
+
+def test_oversized_request_raises_request_size_error(daemon):
+    client = daemon.client()
+    scratch = Dict.from_name("big", create_if_missing=True, client=client)
+    scratch.hydrate()
+    huge = b"x" * (protocol.MAX_FRAME_SIZE + 1)
+    with pytest.raises(RequestSizeError, match="limit of one request"):
+        client.call(Request(protocol.PUT, bytes.fromhex(scratch.object_id[3:]), b"Sk", None, huge, False, write=True))
+    assert scratch.len() == 0
