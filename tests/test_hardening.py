@@ -610,7 +610,8 @@ def test_unread_pipelined_reads_keep_memory_bounded(daemon):
     scan = protocol.encode_frame_bytes([1, protocol.SCAN, object_id, 0, 1000, True, True])
     sock.sendall(scan * 300)
     assert wait_until(lambda: memory.peak - memory.start > 32 * MiB, timeout=10)
-    time.sleep(1)  # what the daemon holds now, with the client not reading, is the figure
+    # Without flow control the daemon would now build all the replies, within a second.
+    time.sleep(1)
     replies = read_replies(sock, 301)
     sock.close()
 

@@ -134,8 +134,8 @@ class GroupCommitWriter:
                 # alone, so that only the faulty one fails.
                 results = [self._apply_alone(write) for write in batch]
         except Exception as exc:
-            # The writer thread must survive whatever happens, or every later write
-            # would wait for it forever.
+            # The writer thread must survive an error in any batch, or every later
+            # write would wait for it forever.
             logger.exception("a batch of %d writes failed", len(batch))
             results = [(None, exc)] * len(batch)
 

@@ -1,6 +1,6 @@
 """A fuzzer for the daemon's wire protocol, and a client that must not notice it.
 
-The fuzzer plays *sessions*: it opens a raw connection, usually says ``hello``, sends a
+The fuzzer plays *sessions*: it opens a raw connection, usually sends ``hello``, sends a
 list of frames that hypothesis draws, half-closes the socket and reads until the daemon
 closes its end. The frames are valid requests of every operation in
 ``sharedict.api.protocol`` except ``shutdown`` (which stops the daemon by design), the
@@ -285,6 +285,15 @@ class FuzzStats:
     internal_errors: list[str] = field(default_factory=list)
     internal_error_count: int = 0
 
+    def merge(self, other: FuzzStats) -> None:
+        self.sessions += other.sessions
+        self.frames_sent += other.frames_sent
+        self.bytes_sent += other.bytes_sent
+        self.closed_by_daemon += other.closed_by_daemon
+        self.replies += other.replies
+        self.internal_error_count += other.internal_error_count
+        self.internal_errors.extend(other.internal_errors[: 10 - len(self.internal_errors)])
+
     def note_reply(self, body: bytes) -> None:
         self.replies += 1
         reply = msgpack.unpackb(body, raw=False)
@@ -336,10 +345,36 @@ def play_session(socket_path: str, hello: bool, session_frames: list[bytes], sta
         sock.close()
 
 
-def session_strategy(context: FuzzContext, max_frames: int) -> st.SearchStrategy[tuple[bool, list[bytes]]]:
-    """A session: whether it starts with ``hello`` (nine times out of ten), and its frames."""
+Session = tuple[bool, list[bytes]]
+
+
+def play_sessions(socket_path: str, sessions: list[Session], stats: FuzzStats) -> None:
+    """Play sessions at the same time, each on a connection and a thread of its own."""
+    results = [FuzzStats() for _ in sessions]
+    failures: list[BaseException] = []
+
+    def play(session: Session, result: FuzzStats) -> None:
+        try:
+            play_session(socket_path, session[0], session[1], result)
+        except BaseException as exc:  # re-raised below, in the thread that runs the test
+            failures.append(exc)
+
+    threads = [threading.Thread(target=play, args=pair, daemon=True) for pair in zip(sessions, results)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        stats.merge(result)
+    if failures:
+        raise failures[0]
+
+
+def sessions_strategy(context: FuzzContext, max_frames: int) -> st.SearchStrategy[list[Session]]:
+    """One to three sessions to play at once; each starts with ``hello`` nine times out of ten."""
     frames = FrameStrategies(context).frames
-    return st.tuples(st.sampled_from([True] * 9 + [False]), st.lists(frames, min_size=1, max_size=max_frames))
+    session = st.tuples(st.sampled_from([True] * 9 + [False]), st.lists(frames, min_size=1, max_size=max_frames))
+    return st.lists(session, min_size=1, max_size=3)
 
 
 def fuzz(
@@ -352,18 +387,18 @@ def fuzz(
     max_frames: int = 20,
     sessions_per_round: int = 200,
 ) -> None:
-    """Play hypothesis-drawn sessions until ``frame_goal`` frames were sent.
+    """Play hypothesis-drawn sessions, up to three at once, until ``frame_goal`` frames were sent.
 
-    The sessions come in rounds of ``sessions_per_round``, each round with a fixed seed
-    (0, 1, 2, ...), so that two runs send the same frames. ``is_daemon_alive()`` is
-    checked after every session, so a failure names the session that killed the daemon.
+    The examples come in rounds of ``sessions_per_round``, each round with a fixed seed
+    (0, 1, 2, ...), so that two runs send the same frames, though concurrent sessions
+    interleave differently. ``is_daemon_alive()`` is checked after every example, so a
+    failure names the sessions that killed the daemon.
     """
-    strategy = session_strategy(context, max_frames)
+    strategy = sessions_strategy(context, max_frames)
 
-    def play(session: tuple[bool, list[bytes]]) -> None:
-        hello, session_frames = session
-        play_session(socket_path, hello, session_frames, stats)
-        assert is_daemon_alive(), "the daemon died during this session"
+    def play(sessions: list[Session]) -> None:
+        play_sessions(socket_path, sessions, stats)
+        assert is_daemon_alive(), "the daemon died during these sessions"
 
     round_number = 0
     while stats.frames_sent < frame_goal:

@@ -40,7 +40,7 @@ def test_key_at_size_limit_round_trips(kv):
 
 
 @pytest.mark.slow
-def test_key_and_value_at_size_limit_in_one_put(kv):
+def test_key_and_value_at_limit(kv):
     key = key_of_encoded_size(MAX_OBJECT_SIZE)
     # Large bytes values pickle with a fixed overhead, measured on one of 1 MiB.
     value = bytes(MAX_OBJECT_SIZE - (len(dump_value(bytes(1 << 20))) - (1 << 20)))

@@ -78,7 +78,7 @@ def client_of(socket_path: str, data_dir: str) -> Client:
 
 @dataclass
 class Tally:
-    """Counts shared by the threads of a workload; ``errors`` holds one line per error."""
+    """Counts shared by the threads of a workload; ``errors`` has one line per error, up to 20."""
 
     bytes_written: int = 0
     writes: int = 0
@@ -93,10 +93,10 @@ class Tally:
             for name, count in counts.items():
                 setattr(self, name, getattr(self, name) + count)
 
-    def error(self, who: str, exc: BaseException) -> None:
+    def error(self, source: str, exc: BaseException) -> None:
         with self._lock:
             if len(self.errors) < 20:
-                self.errors.append(f"{who}: {type(exc).__name__}: {exc}")
+                self.errors.append(f"{source}: {type(exc).__name__}: {exc}")
 
 
 class Threads:
@@ -122,7 +122,7 @@ class Threads:
         return self.join(timeout)
 
 
-# Growth: writers add new entries until the store holds ``total_bytes``, while readers
+# Growth: writers add new entries until they have written ``total_bytes``, while readers
 # iterate the dict again and again.
 
 
