@@ -47,6 +47,9 @@ _NO_DAEMON_ERRORS = (errno.ENOENT, errno.ECONNREFUSED)
 # A request goes out at most this many times: a restarted daemon costs one attempt.
 _ATTEMPTS = 3
 _HEADER = protocol.HEADER
+# Queued requests are written at once when they reach this many bytes, so that the daemon
+# starts on them while the loop is still running the tasks that make more.
+FLUSH_SIZE = 64 << 10
 
 
 class _NotSent(Exception):
@@ -74,6 +77,7 @@ class AsyncConnection(asyncio.Protocol):
         self._pending: dict[int, asyncio.Future[Any]] = {}
         # Frames not yet written, by request id, in the order of their requests.
         self._unsent: dict[int, bytes] = {}
+        self._unsent_size = 0
         self._flush_scheduled = False
         self._received = bytearray()
         self._next_id = 0
@@ -104,17 +108,23 @@ class AsyncConnection(asyncio.Protocol):
         future = self.loop.create_future()
         self._pending[request_id] = future
         self._unsent[request_id] = _HEADER.pack(len(body)) + body
-        if not self._flush_scheduled:
+        self._unsent_size += _HEADER.size + len(body)
+        if self._unsent_size >= FLUSH_SIZE:
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+            self.loop.call_soon(self._scheduled_flush)
         return request_id, future
 
     def forget(self, request_id: int) -> None:
         """Forget a cancelled request, so that its reply is dropped when it arrives."""
         self._pending.pop(request_id, None)
 
-    def _flush(self) -> None:
+    def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
+        self._flush()
+
+    def _flush(self) -> None:
         transport = self._transport
         if not self._unsent:
             return
@@ -124,6 +134,7 @@ class AsyncConnection(asyncio.Protocol):
 
         buffered_before = transport.get_write_buffer_size()
         unsent, self._unsent = self._unsent, {}
+        self._unsent_size = 0
         transport.write(b"".join(unsent.values()))
         if transport.is_closing() and not buffered_before:
             # write() found the socket broken at its first send, typically because the
@@ -139,6 +150,7 @@ class AsyncConnection(asyncio.Protocol):
     def _fail_unsent(self) -> None:
         self.closed = True
         unsent, self._unsent = self._unsent, {}
+        self._unsent_size = 0
         for request_id in unsent:
             future = self._pending.pop(request_id, None)
             if future is not None and not future.done():
