@@ -15,7 +15,7 @@ import lmdb
 import pytest
 
 from sharedict.engine import EntryNotFound, GroupCommitWriter, Store
-from sharedict.engine.store import Touch
+from sharedict.engine.layout import Touch
 from sharedict.engine.sweeper import Sweeper
 
 EXPIRE_AFTER = 100.0

@@ -29,7 +29,7 @@ from sharedict.daemon.connection import Connection
 from sharedict.daemon.handlers import Handlers
 from sharedict.daemon.locks import LockService
 from sharedict.engine import GroupCommitWriter, Store
-from sharedict.engine.store import Touch
+from sharedict.engine.layout import Touch
 from sharedict.engine.sweeper import Sweeper
 
 logger = logging.getLogger(__name__)

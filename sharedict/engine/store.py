@@ -1,65 +1,49 @@
 """Named dicts and their entries in one LMDB environment.
 
-Layout of the sub-databases (all keys big-endian, so that byte order is numeric order):
-
-``names``    ``env NUL name`` -> object id (8 bytes)
-``dicts``    object id -> msgpack record: name, env, created_at, created_by, data id, owner pid
-``stats``    data id -> entry count and next sequence number
-``index``    data id + key ref -> sequence number + value
-``order``    data id + sequence number -> last access + key ref + stored key
-``access``   data id + last access + sequence number -> empty: the last-access index
-``garbage``  data id -> empty: entries of cleared or deleted dicts, removed in the background
-``meta``     small named counters, such as the fencing tokens of locks
-
-A dict's entries live under its *data id*, not under its object id. ``clear()`` and
-deletion give the dict a fresh data id (or drop the record) in one small transaction and
-leave the old entries to the background sweeper, so that both are O(1) and atomic.
-
-The *key ref* of an entry is the client's canonical key bytes when they fit into an LMDB
-key, and their SHA-256 digest otherwise, so that keys of any size work. The *sequence
-number* orders entries by insertion: overwriting keeps it, deleting and inserting again
-takes a new one. Times are wall-clock milliseconds; ``expiry.py`` states when an entry
-expires and when a read records its access.
+``layout.py`` describes the sub-databases and their records. In short: a dict's entries
+live under its *data id*, an entry is found by its *key ref* and ordered by its
+*sequence number*, and a last-access index orders entries by time for expiry.
 
 Every method that takes a ``txn`` runs inside it and commits nothing. Write transactions
 belong to the writer thread (see ``writer.py``); readers use ``Store.reader()``.
 """
 
+
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import mmap
 import os
 import secrets
-import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import lmdb
-import msgpack
 
 from sharedict.engine.errors import DictExists, DictNotFound, EngineError, EntryNotFound, StorageFull
 from sharedict.engine.expiry import ExpiryPolicy
 
 logger = logging.getLogger(__name__)
+from sharedict.engine.gate import ResizeGate
+from sharedict.engine.layout import (
+    FORMAT_VERSION,
+    HASHED,
+    MAX_SEQ,
+    STATS,
+    U64,
+    DictRecord,
+    Entry,
+    Touch,
+    key_ref,
+    last_with_prefix,
+    name_key,
+    pack_order,
+    successor,
+    unpack_order,
+)
 
-FORMAT_VERSION = 1
-
-# LMDB rejects keys over 511 bytes. A key ref is one tag byte plus the canonical key, or
-# plus a 32-byte digest, behind an 8-byte data id.
-INLINE_KEY_LIMIT = 480
-_INLINE = b"\x00"
-_HASHED = b"\x01"
-
-_U64 = struct.Struct(">Q")
-_MAX_SEQ = 2**64 - 1
-_STATS = struct.Struct(">QQ")  # entry count, next sequence number
-_ORDER_HEAD = struct.Struct(">QBH")  # last access, flags, key ref length
-_FLAG_STORED_KEY = 1  # the stored key differs from the canonical key and follows the key ref
+logger = logging.getLogger(__name__)
 
 INITIAL_MAP_SIZE = 1 << 30
 # The map grows when a write could bring it past this share of its size.
@@ -67,93 +51,6 @@ GROW_THRESHOLD = 0.75
 # After a failed attempt to grow the map, writes try again ahead of time only after this
 # many seconds, so that a map that cannot grow does not log a warning per commit.
 GROW_RETRY_SECONDS = 60.0
-
-
-@dataclass(frozen=True)
-class DictRecord:
-    """A named or ephemeral dict as the engine stores it."""
-
-    object_id: bytes
-    name: str | None
-    environment_name: str
-    created_at: float
-    created_by: str
-    data_id: bytes
-    owner_pid: int | None = None
-
-    def pack(self) -> bytes:
-        return msgpack.packb(
-            [self.name, self.environment_name, self.created_at, self.created_by, self.data_id, self.owner_pid]
-        )
-
-    @classmethod
-    def unpack(cls, object_id: bytes, raw: bytes) -> DictRecord:
-        name, env, created_at, created_by, data_id, owner_pid = msgpack.unpackb(raw)
-        return cls(object_id, name, env, created_at, created_by, data_id, owner_pid)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One entry yielded by ``Store.scan``: its position, its stored key and its value."""
-
-    seq: int
-    key: bytes | None
-    value: bytes | None
-
-
-@dataclass(frozen=True)
-class Touch:
-    """An access a read found due: the writer records it later, without blocking the read."""
-
-    index_key: bytes
-    seq: int
-    read_ms: int
-
-
-def key_ref(match_key: bytes) -> bytes:
-    """Return the part of the index key that identifies ``match_key`` within a dict."""
-    if len(match_key) <= INLINE_KEY_LIMIT:
-        return _INLINE + match_key
-    return _HASHED + hashlib.sha256(match_key).digest()
-
-
-class _ResizeGate:
-    """Lets read transactions run together, and the map resize run alone.
-
-    LMDB allows ``mdb_env_set_mapsize`` only while the process has no transaction open.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._resizing = False
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            while self._resizing:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._resizing = True
-            while self._readers:
-                self._cond.wait()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._resizing = False
-                self._cond.notify_all()
 
 
 class Store:
@@ -181,7 +78,7 @@ class Store:
         self.data_dir = os.fspath(data_dir)
         self.expiry = ExpiryPolicy(expire_after, clock)
         self._clock = clock
-        self._gate = _ResizeGate()
+        self._gate = ResizeGate()
         self._growth_failed_at: float | None = None
 
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
@@ -217,10 +114,10 @@ class Store:
         with self.env.begin(write=True) as txn:
             stored = txn.get(b"format", db=self._meta)
             if stored is None:
-                txn.put(b"format", _U64.pack(FORMAT_VERSION), db=self._meta)
-            elif _U64.unpack(stored)[0] != FORMAT_VERSION:
+                txn.put(b"format", U64.pack(FORMAT_VERSION), db=self._meta)
+            elif U64.unpack(stored)[0] != FORMAT_VERSION:
                 raise EngineError(
-                    f"data directory {self.data_dir} has format {_U64.unpack(stored)[0]}, and this version of "
+                    f"data directory {self.data_dir} has format {U64.unpack(stored)[0]}, and this version of "
                     f"sharedict reads format {FORMAT_VERSION}; upgrade sharedict or use another data directory"
                 )
 
@@ -308,8 +205,8 @@ class Store:
         ephemeral and is deleted when ``owner_pid`` goes away.
         """
         if name is not None:
-            name_key = _name_key(environment_name, name)
-            object_id = txn.get(name_key, db=self._names)
+            names_key = name_key(environment_name, name)
+            object_id = txn.get(names_key, db=self._names)
             if object_id is not None:
                 if not exist_ok:
                     raise DictExists(f"dict {name!r} already exists in environment {environment_name!r}")
@@ -326,13 +223,13 @@ class Store:
             owner_pid=owner_pid,
         )
         txn.put(object_id, record.pack(), db=self._dicts)
-        txn.put(record.data_id, _STATS.pack(0, 1), db=self._stats)
+        txn.put(record.data_id, STATS.pack(0, 1), db=self._stats)
         if name is not None:
-            txn.put(name_key, object_id, db=self._names)
+            txn.put(names_key, object_id, db=self._names)
         return record, True
 
     def lookup_dict(self, txn: lmdb.Transaction, environment_name: str, name: str) -> DictRecord:
-        object_id = txn.get(_name_key(environment_name, name), db=self._names)
+        object_id = txn.get(name_key(environment_name, name), db=self._names)
         if object_id is None:
             raise DictNotFound(f"dict {name!r} not found in environment {environment_name!r}")
         return self._load_dict(txn, object_id)
@@ -346,8 +243,8 @@ class Store:
         records = []
         with txn.cursor(db=self._names) as cursor:
             if cursor.set_range(prefix):
-                for name_key, object_id in cursor:
-                    if not name_key.startswith(prefix):
+                for names_key, object_id in cursor:
+                    if not names_key.startswith(prefix):
                         break
                     records.append(self._load_dict(txn, object_id))
         records.sort(key=lambda record: record.created_at, reverse=True)
@@ -366,7 +263,7 @@ class Store:
         record = self._load_dict(txn, object_id)
         txn.delete(object_id, db=self._dicts)
         if record.name is not None:
-            txn.delete(_name_key(record.environment_name, record.name), db=self._names)
+            txn.delete(name_key(record.environment_name, record.name), db=self._names)
         self._discard_data(txn, record.data_id)
         return record
 
@@ -375,7 +272,7 @@ class Store:
 
     def count_entries(self, txn: lmdb.Transaction) -> int:
         """Return the entries of all dicts, counting expired ones that are not swept yet."""
-        return sum(_STATS.unpack(raw)[0] for raw in txn.cursor(db=self._stats).iternext(keys=False))
+        return sum(STATS.unpack(raw)[0] for raw in txn.cursor(db=self._stats).iternext(keys=False))
 
     def _load_dict(self, txn: lmdb.Transaction, object_id: bytes) -> DictRecord:
         raw = txn.get(object_id, db=self._dicts)
@@ -428,7 +325,7 @@ class Store:
         at most twice the smaller of the expired and the live entries.
         """
         record = self._load_dict(txn, object_id)
-        count, _ = _STATS.unpack(txn.get(record.data_id, db=self._stats))
+        count, _ = STATS.unpack(txn.get(record.data_id, db=self._stats))
         if not self.expiry.enabled:
             return count
         return self._count_live(txn, record.data_id, count, self.expiry.cutoff_ms(self.expiry.now_ms()))
@@ -455,11 +352,11 @@ class Store:
         entries: list[Entry] = []
         touched: list[Touch] = []
         size = 0
-        if after_seq >= _MAX_SEQ:
+        if after_seq >= MAX_SEQ:
             return entries, touched, True  # no sequence number comes after the largest one
 
         with txn.cursor(db=self._order) as cursor:
-            if not cursor.set_range(data_id + _U64.pack(after_seq + 1)):
+            if not cursor.set_range(data_id + U64.pack(after_seq + 1)):
                 return entries, touched, True
             for order_key, order_value in cursor:
                 if not order_key.startswith(data_id):
@@ -467,8 +364,8 @@ class Store:
                 if len(entries) >= limit or size >= max_bytes:
                     return entries, touched, False
 
-                seq = _U64.unpack_from(order_key, 8)[0]
-                access_ms, ref, stored_key = _unpack_order(order_value)
+                seq = U64.unpack_from(order_key, 8)[0]
+                access_ms, ref, stored_key = unpack_order(order_value)
                 if self.expiry.is_expired(access_ms, now_ms):
                     continue
 
@@ -536,7 +433,7 @@ class Store:
             owner_pid=record.owner_pid,
         )
         txn.put(object_id, fresh.pack(), db=self._dicts)
-        txn.put(fresh.data_id, _STATS.pack(0, 1), db=self._stats)
+        txn.put(fresh.data_id, STATS.pack(0, 1), db=self._stats)
 
     def touch(self, txn: lmdb.Transaction, touch: Touch) -> None:
         """Record the access of a read, unless its entry was removed or replaced since.
@@ -547,10 +444,10 @@ class Store:
         came first has removed the entry, and then nothing is recorded.
         """
         index_value = txn.get(touch.index_key, db=self._index)
-        if index_value is None or _U64.unpack_from(index_value)[0] != touch.seq:
+        if index_value is None or U64.unpack_from(index_value)[0] != touch.seq:
             return
         data_id = touch.index_key[:8]
-        access_ms, ref, stored_key = _unpack_order(txn.get(data_id + _U64.pack(touch.seq), db=self._order))
+        access_ms, ref, stored_key = unpack_order(txn.get(data_id + U64.pack(touch.seq), db=self._order))
 
         # Reads that came before the first of their touches was applied each queued one;
         # only the first of them within a granularity is recorded.
@@ -577,8 +474,8 @@ class Store:
         index_value = txn.get(data_id + ref, db=self._index)
         if index_value is None:
             return None
-        seq = _U64.unpack_from(index_value)[0]
-        access_ms = _U64.unpack_from(txn.get(data_id + _U64.pack(seq), db=self._order))[0]
+        seq = U64.unpack_from(index_value)[0]
+        access_ms = U64.unpack_from(txn.get(data_id + U64.pack(seq), db=self._order))[0]
         if self.expiry.is_expired(access_ms, now_ms):
             if remove_expired:
                 self._remove(txn, data_id, ref, seq, access_ms)
@@ -603,32 +500,32 @@ class Store:
             if skip_if_exists:
                 # Finding the key is activity too, recorded as a read's would be.
                 if self.expiry.is_recording_due(access_ms, now_ms):
-                    order_value = txn.get(data_id + _U64.pack(seq), db=self._order)
-                    _, _, kept_key = _unpack_order(order_value)
+                    order_value = txn.get(data_id + U64.pack(seq), db=self._order)
+                    _, _, kept_key = unpack_order(order_value)
                     self._set_access(txn, data_id, seq, access_ms, ref, kept_key, now_ms)
                 return False
             # Overwriting keeps the position and the first key object, as a dict does.
-            txn.put(data_id + ref, _U64.pack(seq) + value, db=self._index)
-            _, _, kept_key = _unpack_order(txn.get(data_id + _U64.pack(seq), db=self._order))
+            txn.put(data_id + ref, U64.pack(seq) + value, db=self._index)
+            _, _, kept_key = unpack_order(txn.get(data_id + U64.pack(seq), db=self._order))
             self._set_access(txn, data_id, seq, access_ms, ref, kept_key, now_ms)
             return True
 
-        count, next_seq = _STATS.unpack(txn.get(data_id, db=self._stats))
+        count, next_seq = STATS.unpack(txn.get(data_id, db=self._stats))
         seq = next_seq
-        txn.put(data_id, _STATS.pack(count + 1, next_seq + 1), db=self._stats)
-        txn.put(data_id + ref, _U64.pack(seq) + value, db=self._index)
-        if stored_key is None and ref[:1] == _HASHED:
+        txn.put(data_id, STATS.pack(count + 1, next_seq + 1), db=self._stats)
+        txn.put(data_id + ref, U64.pack(seq) + value, db=self._index)
+        if stored_key is None and ref[:1] == HASHED:
             stored_key = match_key
-        txn.put(data_id + _U64.pack(seq), _pack_order(now_ms, ref, stored_key), db=self._order)
-        txn.put(data_id + _U64.pack(now_ms) + _U64.pack(seq), b"", db=self._access)
+        txn.put(data_id + U64.pack(seq), pack_order(now_ms, ref, stored_key), db=self._order)
+        txn.put(data_id + U64.pack(now_ms) + U64.pack(seq), b"", db=self._access)
         return True
 
     def _remove(self, txn: lmdb.Transaction, data_id: bytes, ref: bytes, seq: int, access_ms: int) -> None:
         txn.delete(data_id + ref, db=self._index)
-        txn.delete(data_id + _U64.pack(seq), db=self._order)
-        txn.delete(data_id + _U64.pack(access_ms) + _U64.pack(seq), db=self._access)
-        count, next_seq = _STATS.unpack(txn.get(data_id, db=self._stats))
-        txn.put(data_id, _STATS.pack(count - 1, next_seq), db=self._stats)
+        txn.delete(data_id + U64.pack(seq), db=self._order)
+        txn.delete(data_id + U64.pack(access_ms) + U64.pack(seq), db=self._access)
+        count, next_seq = STATS.unpack(txn.get(data_id, db=self._stats))
+        txn.put(data_id, STATS.pack(count - 1, next_seq), db=self._stats)
 
     def _set_access(
         self,
@@ -644,12 +541,12 @@ class Store:
         new_access_ms = max(now_ms, old_access_ms)
         if new_access_ms == old_access_ms:
             return
-        seq_bytes = _U64.pack(seq)
-        txn.delete(data_id + _U64.pack(old_access_ms) + seq_bytes, db=self._access)
-        txn.put(data_id + _U64.pack(new_access_ms) + seq_bytes, b"", db=self._access)
+        seq_bytes = U64.pack(seq)
+        txn.delete(data_id + U64.pack(old_access_ms) + seq_bytes, db=self._access)
+        txn.put(data_id + U64.pack(new_access_ms) + seq_bytes, b"", db=self._access)
         if ref[1:] == stored_key:
             stored_key = None
-        txn.put(data_id + seq_bytes, _pack_order(new_access_ms, ref, stored_key), db=self._order)
+        txn.put(data_id + seq_bytes, pack_order(new_access_ms, ref, stored_key), db=self._order)
 
     def _due_touch(self, data_id: bytes, match_key: bytes, seq: int, access_ms: int, now_ms: int) -> Touch | None:
         if not self.expiry.is_recording_due(access_ms, now_ms):
@@ -663,10 +560,10 @@ class Store:
         ones last. Two cursors walk in from both ends, one entry each per step. The walk
         stops when either group is done, because ``count`` gives the other group.
         """
-        boundary = data_id + _U64.pack(cutoff_ms)
+        boundary = data_id + U64.pack(cutoff_ms)
         with txn.cursor(db=self._access) as oldest, txn.cursor(db=self._access) as newest:
             expired_left = oldest.set_range(data_id) and oldest.key() < boundary
-            live_left = _last_with_prefix(newest, data_id) and newest.key() >= boundary
+            live_left = last_with_prefix(newest, data_id) and newest.key() >= boundary
             expired = live = 0
             while expired_left and live_left:
                 expired += 1
@@ -699,7 +596,7 @@ class Store:
             visited += 1
 
             # Deleting at the cursor leaves it on the next key, so the walk needs no seek.
-            boundary = data_id + _U64.pack(cutoff_ms)
+            boundary = data_id + U64.pack(cutoff_ms)
             removed_here = 0
             with txn.cursor(db=self._access) as cursor:
                 found = cursor.set_range(data_id)
@@ -709,17 +606,17 @@ class Store:
                     if access_key >= boundary or not access_key.startswith(data_id):
                         break
                     order_key = data_id + access_key[16:24]
-                    _, ref, _ = _unpack_order(txn.pop(order_key, db=self._order))
+                    _, ref, _ = unpack_order(txn.pop(order_key, db=self._order))
                     txn.delete(data_id + ref, db=self._index)
                     found = cursor.delete()
                     removed += 1
                     removed_here += 1
             if removed_here:
-                count, next_seq = _STATS.unpack(txn.get(data_id, db=self._stats))
-                txn.put(data_id, _STATS.pack(count - removed_here, next_seq), db=self._stats)
+                count, next_seq = STATS.unpack(txn.get(data_id, db=self._stats))
+                txn.put(data_id, STATS.pack(count - removed_here, next_seq), db=self._stats)
 
             # A dict cut short by the limit is visited again by the next batch.
-            position = data_id if removed == limit else _successor(data_id)
+            position = data_id if removed == limit else successor(data_id)
         return removed, position
 
     def remove_garbage(self, txn: lmdb.Transaction, *, limit: int) -> int:
@@ -741,8 +638,8 @@ class Store:
     def next_counter(self, txn: lmdb.Transaction, name: bytes) -> int:
         """Increment and return a durable counter, such as the fencing token of a lock."""
         raw = txn.get(b"counter:" + name, db=self._meta)
-        value = (_U64.unpack(raw)[0] if raw else 0) + 1
-        txn.put(b"counter:" + name, _U64.pack(value), db=self._meta)
+        value = (U64.unpack(raw)[0] if raw else 0) + 1
+        txn.put(b"counter:" + name, U64.pack(value), db=self._meta)
         return value
 
 
@@ -757,41 +654,3 @@ def _reserve_address_space(size: int) -> None:
         return
     reservation = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=0)
     reservation.close()
-
-
-def _successor(data_id: bytes) -> bytes | None:
-    """Return the smallest key above every key that starts with ``data_id``; None if none is."""
-    value = int.from_bytes(data_id, "big") + 1
-    if value >> 64:
-        return None
-    return value.to_bytes(8, "big")
-
-
-def _last_with_prefix(cursor: lmdb.Cursor, prefix: bytes) -> bool:
-    """Position ``cursor`` on the last key that starts with the 8-byte ``prefix``."""
-    above = _successor(prefix)
-    if above is None or not cursor.set_range(above):
-        found = cursor.last()
-    else:
-        found = cursor.prev()
-    return found and cursor.key().startswith(prefix)
-
-
-def _name_key(environment_name: str, name: str) -> bytes:
-    return environment_name.encode() + b"\x00" + name.encode()
-
-
-def _pack_order(access_ms: int, ref: bytes, stored_key: bytes | None) -> bytes:
-    if stored_key is None:
-        return _ORDER_HEAD.pack(access_ms, 0, len(ref)) + ref
-    return _ORDER_HEAD.pack(access_ms, _FLAG_STORED_KEY, len(ref)) + ref + stored_key
-
-
-def _unpack_order(order_value: bytes) -> tuple[int, bytes, bytes]:
-    """Return (last access, key ref, stored key) of an ``order`` record."""
-    access_ms, flags, ref_length = _ORDER_HEAD.unpack_from(order_value)
-    start = _ORDER_HEAD.size
-    ref = order_value[start : start + ref_length]
-    if flags & _FLAG_STORED_KEY:
-        return access_ms, ref, order_value[start + ref_length :]
-    return access_ms, ref, ref[1:]

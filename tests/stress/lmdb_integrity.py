@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from sharedict.engine.store import _STATS, _U64, FORMAT_VERSION, DictRecord, _name_key, _unpack_order
+from sharedict.engine.layout import FORMAT_VERSION, STATS, U64, DictRecord, name_key, unpack_order
 
 SUB_DATABASES = (b"names", b"dicts", b"stats", b"index", b"order", b"access", b"garbage", b"meta")
 
@@ -54,7 +54,7 @@ def check_data_dir(data_dir: str) -> IntegrityReport:
 
 def _check(txn: lmdb.Transaction, dbs: dict[bytes, object], report: IntegrityReport) -> None:
     stored_format = txn.get(b"format", db=dbs[b"meta"])
-    if stored_format is None or _U64.unpack(stored_format)[0] != FORMAT_VERSION:
+    if stored_format is None or U64.unpack(stored_format)[0] != FORMAT_VERSION:
         report.add(f"meta: format is {stored_format!r}, expected {FORMAT_VERSION}")
 
     live_data_ids = _check_dicts(txn, dbs, report)
@@ -71,7 +71,7 @@ def _check(txn: lmdb.Transaction, dbs: dict[bytes, object], report: IntegrityRep
         raw = txn.get(data_id, db=dbs[b"stats"])
         if raw is None:
             continue  # reported by _check_dicts
-        count, next_seq = _STATS.unpack(raw)
+        count, next_seq = STATS.unpack(raw)
         seqs = index_seqs.get(data_id, [])
         if count != len(seqs):
             report.add(f"stats: data id {data_id.hex()} counts {count} entries, the index has {len(seqs)}")
@@ -97,13 +97,13 @@ def _check_dicts(txn: lmdb.Transaction, dbs: dict[bytes, object], report: Integr
         if txn.get(record.data_id, db=dbs[b"stats"]) is None:
             report.add(f"dicts: dict {object_id.hex()} has data id {record.data_id.hex()} without stats")
         if record.name is not None:
-            named = txn.get(_name_key(record.environment_name, record.name), db=dbs[b"names"])
+            named = txn.get(name_key(record.environment_name, record.name), db=dbs[b"names"])
             if named != object_id:
                 report.add(f"dicts: dict {record.name!r} ({object_id.hex()}) is not reachable by its name")
 
-    for name_key, object_id in txn.cursor(db=dbs[b"names"]):
+    for names_key, object_id in txn.cursor(db=dbs[b"names"]):
         if txn.get(object_id, db=dbs[b"dicts"]) is None:
-            report.add(f"names: {name_key!r} points at missing dict {object_id.hex()}")
+            report.add(f"names: {names_key!r} points at missing dict {object_id.hex()}")
 
     for data_id in txn.cursor(db=dbs[b"stats"]).iternext(values=False):
         if data_id not in live_data_ids:
@@ -128,16 +128,16 @@ def _check_index(
             report.add(problem)
         if data_id not in live:
             continue
-        seq = _U64.unpack_from(index_value)[0]
+        seq = U64.unpack_from(index_value)[0]
         seqs.setdefault(data_id, []).append(seq)
-        order_value = txn.get(data_id + _U64.pack(seq), db=dbs[b"order"])
+        order_value = txn.get(data_id + U64.pack(seq), db=dbs[b"order"])
         if order_value is None:
             report.add(f"index: entry {index_key.hex()[:40]} has seq {seq} without an order record")
             continue
-        access_ms, order_ref, _ = _unpack_order(order_value)
+        access_ms, order_ref, _ = unpack_order(order_value)
         if order_ref != ref:
             report.add(f"index: entry {index_key.hex()[:40]} and its order record {seq} name different keys")
-        if txn.get(data_id + _U64.pack(access_ms) + _U64.pack(seq), db=dbs[b"access"]) is None:
+        if txn.get(data_id + U64.pack(access_ms) + U64.pack(seq), db=dbs[b"access"]) is None:
             report.add(f"index: entry {index_key.hex()[:40]} (seq {seq}) has no access record at {access_ms}")
     return seqs
 
@@ -148,16 +148,16 @@ def _check_order(
     seqs: dict[bytes, list[int]] = {}
     for order_key, order_value in txn.cursor(db=dbs[b"order"]):
         data_id = order_key[:8]
-        seq = _U64.unpack_from(order_key, 8)[0]
+        seq = U64.unpack_from(order_key, 8)[0]
         problem = _owner_problem("order", data_id, live, garbage)
         if problem:
             report.add(problem)
         if data_id not in live:
             continue
         seqs.setdefault(data_id, []).append(seq)
-        _, ref, _ = _unpack_order(order_value)
+        _, ref, _ = unpack_order(order_value)
         index_value = txn.get(data_id + ref, db=dbs[b"index"])
-        if index_value is None or _U64.unpack_from(index_value)[0] != seq:
+        if index_value is None or U64.unpack_from(index_value)[0] != seq:
             report.add(f"order: record {seq} of data id {data_id.hex()} has no index entry")
     return seqs
 
@@ -167,13 +167,13 @@ def _check_access(
 ) -> None:
     for access_key in txn.cursor(db=dbs[b"access"]).iternext(values=False):
         data_id = access_key[:8]
-        access_ms = _U64.unpack_from(access_key, 8)[0]
-        seq = _U64.unpack_from(access_key, 16)[0]
+        access_ms = U64.unpack_from(access_key, 8)[0]
+        seq = U64.unpack_from(access_key, 16)[0]
         problem = _owner_problem("access", data_id, live, garbage)
         if problem:
             report.add(problem)
         if data_id not in live:
             continue
-        order_value = txn.get(data_id + _U64.pack(seq), db=dbs[b"order"])
-        if order_value is None or _unpack_order(order_value)[0] != access_ms:
+        order_value = txn.get(data_id + U64.pack(seq), db=dbs[b"order"])
+        if order_value is None or unpack_order(order_value)[0] != access_ms:
             report.add(f"access: record ({access_ms}, {seq}) of data id {data_id.hex()} has no matching order record")
