@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
-import statistics
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +36,16 @@ class Latencies:
     def ops_per_second(self) -> float:
         return len(self.samples) / self.elapsed
 
+    @classmethod
+    def combine(cls, parts: Iterable[Latencies]) -> Latencies:
+        """Join the latencies of several timed blocks into one set."""
+        samples: list[int] = []
+        elapsed = 0.0
+        for part in parts:
+            samples.extend(part.samples)
+            elapsed += part.elapsed
+        return cls(samples, elapsed)
+
 
 def time_each(operation: Callable[[Any], Any], arguments: Sequence[Any]) -> Latencies:
     """Call ``operation`` once per argument and time each call."""
@@ -57,10 +66,6 @@ def time_once(function: Callable[[], Any]) -> float:
     started = time.perf_counter()
     function()
     return time.perf_counter() - started
-
-
-def median_time(function: Callable[[], Any], repetitions: int) -> float:
-    return statistics.median(time_once(function) for _ in range(repetitions))
 
 
 def consume(iterator: Iterable[Any]) -> int:
@@ -186,7 +191,8 @@ class WorkerPool:
         self._processes = []
 
 
-def total_rate(reports: Sequence[WorkerReport]) -> float:
-    """Return the operations per second of all workers together, over the span they ran."""
-    span = max(report.finished for report in reports) - min(report.started for report in reports)
-    return sum(report.operations for report in reports) / span
+def combined_rate(runs: Sequence[Sequence[WorkerReport]]) -> float:
+    """Return the operations per second of several runs of workers, over their spans added up."""
+    operations = sum(report.operations for reports in runs for report in reports)
+    span = sum(max(r.finished for r in reports) - min(r.started for r in reports) for reports in runs)
+    return operations / span

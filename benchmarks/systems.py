@@ -44,7 +44,8 @@ class Variant:
     system: str
     durable: bool
     description: str
-    options: Mapping[str, Any] = field(default_factory=dict)
+    # Left out of the hash, so that variants can be dict keys; the names are unique.
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
 
 SHAREDICT = Variant("sharedict", "sharedict", True, "daemon, group commit with fsync before each reply")

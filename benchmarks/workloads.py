@@ -3,11 +3,17 @@
 Every workload starts with fresh servers and fresh directories, warms each store up with
 keys of its own before timing, and checks a value it read back, so that a store that
 silently lost writes cannot post a figure.
+
+The systems take turns: each timed phase is cut into ``Scale.rounds`` blocks, and every
+system runs its share of a block before the next block starts. On a machine that other
+jobs share, a busy spell then slows every system alike instead of the one that happened
+to be running, and the ratios between systems stay meaningful.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import os
@@ -22,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import systems
-from benchmarks.measure import WorkerPool, consume, median_time, time_each, time_once, total_rate
+from benchmarks.measure import Latencies, WorkerPool, WorkerReport, combined_rate, consume, time_each, time_once
 from benchmarks.results import Result
 from benchmarks.servers import Servers
 from benchmarks.systems import Store, StoreSpec, Variant
@@ -61,6 +67,7 @@ class Scale:
     sized_gets: int = 5_000
     memory_entries: int = 1_000_000
     warm_up: int = 1_000
+    rounds: int = 5
 
 
 FULL = Scale()
@@ -81,6 +88,7 @@ QUICK = Scale(
     sized_gets=300,
     memory_entries=20_000,
     warm_up=50,
+    rounds=2,
 )
 
 
@@ -96,6 +104,12 @@ def make_text(size: int, seed: int = 0) -> str:
 def chunks(start: int, stop: int, value: Any) -> Iterator[dict[str, Any]]:
     for first in range(start, stop, CHUNK):
         yield {make_key(index): value for index in range(first, min(first + CHUNK, stop))}
+
+
+def split(items: Sequence[Any], count: int) -> list[Sequence[Any]]:
+    """Cut ``items`` into ``count`` blocks of nearly equal size, in order."""
+    size = -(-len(items) // count)
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def check_value(read: Any, expected: Any, variant: Variant) -> None:
@@ -129,6 +143,18 @@ class Context:
         else:
             address = tempfile.mkdtemp(prefix=variant.name.replace(" ", "-") + "-", dir=self.root)
         return StoreSpec(variant, address, name)
+
+    @contextlib.contextmanager
+    def open_stores(self, candidates: Sequence[Variant], name: str) -> Iterator[dict[Variant, Store]]:
+        """Open the named dict of every selected candidate; all are closed together at the end."""
+        stores: dict[Variant, Store] = {}
+        try:
+            for variant in self.select(candidates):
+                stores[variant] = self.spec(variant, name).open()
+            yield stores
+        finally:
+            for store in stores.values():
+                store.close()
 
     def record(
         self,
@@ -164,6 +190,10 @@ DURABLE = (systems.SHAREDICT, systems.DISKCACHE_FULL, systems.REDIS_ALWAYS, syst
 # W1 and W2: one client sets distinct keys, then gets them all in random order.
 
 
+def _setter(store: Store, value: Any) -> Callable[[str], None]:
+    return lambda key: store.set(key, value)
+
+
 def set_then_get(context: Context, workload: str, key_count: int, value_size: int) -> None:
     scale = context.scale
     value = make_text(value_size)
@@ -171,27 +201,42 @@ def set_then_get(context: Context, workload: str, key_count: int, value_size: in
     shuffled = random.Random(1).sample(keys, len(keys))
     warm_keys = [f"warm-{index}" for index in range(scale.warm_up)]
 
-    for variant in context.select(ALL_MAIN):
-        context.progress(f"{workload} {variant.name}")
-        store = context.spec(variant, workload.lower()).open()
-        try:
+    with context.open_stores(ALL_MAIN, workload.lower()) as stores:
+        for store in stores.values():
             for key in warm_keys:
                 store.set(key, value)
             for key in warm_keys:
                 store.get(key)
-            sets = time_each(lambda key: store.set(key, value), keys)
-            gets = time_each(store.get, shuffled)
-            check_value(store.get(keys[-1]), value, variant)
-        finally:
-            store.close()
 
-        parameters = {"keys": key_count, "value_bytes": value_size}
-        context.record(workload, variant, "set p50", sets.percentile(0.50), "µs", **parameters)
-        context.record(workload, variant, "set p99", sets.percentile(0.99), "µs", **parameters)
-        context.record(workload, variant, "set", sets.ops_per_second, "ops/s", higher_is_better=True, **parameters)
-        context.record(workload, variant, "get p50", gets.percentile(0.50), "µs", **parameters)
-        context.record(workload, variant, "get p99", gets.percentile(0.99), "µs", **parameters)
-        context.record(workload, variant, "get", gets.ops_per_second, "ops/s", higher_is_better=True, **parameters)
+        context.progress(f"{workload} sets, {len(stores)} systems in turn")
+        sets: dict[Variant, list[Latencies]] = {variant: [] for variant in stores}
+        for block in split(keys, scale.rounds):
+            for variant, store in stores.items():
+                sets[variant].append(time_each(_setter(store, value), block))
+
+        context.progress(f"{workload} gets, {len(stores)} systems in turn")
+        gets: dict[Variant, list[Latencies]] = {variant: [] for variant in stores}
+        for block in split(shuffled, scale.rounds):
+            for variant, store in stores.items():
+                gets[variant].append(time_each(store.get, block))
+
+        for variant, store in stores.items():
+            check_value(store.get(keys[-1]), value, variant)
+
+    parameters = {"keys": key_count, "value_bytes": value_size, "rounds": scale.rounds}
+    for variant in sets:
+        set_latencies = Latencies.combine(sets[variant])
+        get_latencies = Latencies.combine(gets[variant])
+        context.record(workload, variant, "set p50", set_latencies.percentile(0.50), "µs", **parameters)
+        context.record(workload, variant, "set p99", set_latencies.percentile(0.99), "µs", **parameters)
+        context.record(
+            workload, variant, "set", set_latencies.ops_per_second, "ops/s", higher_is_better=True, **parameters
+        )
+        context.record(workload, variant, "get p50", get_latencies.percentile(0.50), "µs", **parameters)
+        context.record(workload, variant, "get p99", get_latencies.percentile(0.99), "µs", **parameters)
+        context.record(
+            workload, variant, "get", get_latencies.ops_per_second, "ops/s", higher_is_better=True, **parameters
+        )
 
 
 def run_w1(context: Context) -> None:
@@ -237,36 +282,45 @@ def mixed_body(store: Store, key_count: int, value: str, seconds: float, seed: i
 def run_w3(context: Context) -> None:
     scale = context.scale
     value = make_text(100)
-
     variants = context.select(ALL_MAIN)
     if not variants:
         return
 
-    with WorkerPool(max(scale.mixed_processes)) as pool:
-        for variant in variants:
-            spec = context.spec(variant, "w3")
-            store = spec.open()
-            try:
-                for entries in chunks(0, scale.mixed_keys, value):
-                    store.update(entries)
-            finally:
-                store.close()
+    specs = {variant: context.spec(variant, "w3") for variant in variants}
+    for spec in specs.values():
+        store = spec.open()
+        try:
+            for entries in chunks(0, scale.mixed_keys, value):
+                store.update(entries)
+        finally:
+            store.close()
 
-            for processes in scale.mixed_processes:
-                label = f"{processes} process{'es' if processes > 1 else ''}"
-                context.progress(f"W3 {variant.name}, {label}")
-                arguments = [(scale.mixed_keys, value, scale.mixed_seconds, seed) for seed in range(processes)]
-                reports = pool.run(spec, mixed_warm_up, mixed_body, arguments)
+    seconds_per_round = scale.mixed_seconds / scale.rounds
+    with WorkerPool(max(scale.mixed_processes)) as pool:
+        for processes in scale.mixed_processes:
+            label = f"{processes} process{'es' if processes > 1 else ''}"
+            context.progress(f"W3 {label}, {len(variants)} systems in turn")
+            runs: dict[Variant, list[list[WorkerReport]]] = {variant: [] for variant in variants}
+            for round_number in range(scale.rounds):
+                for variant, spec in specs.items():
+                    arguments = [
+                        (scale.mixed_keys, value, seconds_per_round, round_number * processes + worker)
+                        for worker in range(processes)
+                    ]
+                    runs[variant].append(pool.run(spec, mixed_warm_up, mixed_body, arguments))
+
+            for variant in variants:
                 context.record(
                     "W3",
                     variant,
                     label,
-                    total_rate(reports),
+                    combined_rate(runs[variant]),
                     "ops/s",
                     higher_is_better=True,
                     keys=scale.mixed_keys,
                     set_share=SET_SHARE,
                     seconds=scale.mixed_seconds,
+                    rounds=scale.rounds,
                 )
 
 
@@ -278,44 +332,51 @@ def run_w4(context: Context) -> None:
     value = make_text(100)
     update_count = scale.iterate_items // scale.update_entries
 
-    for variant in context.select(ALL_MAIN):
-        context.progress(f"W4 {variant.name}")
-        store = context.spec(variant, "w4").open()
-        try:
-            # The warm-up keys are the first of the measured ones, so the dict contains
-            # exactly iterate_items entries when iteration starts.
+    with context.open_stores(ALL_MAIN, "w4") as stores:
+        # The warm-up keys are the first of the measured ones, so the dict contains
+        # exactly iterate_items entries when iteration starts.
+        for store in stores.values():
             store.update({make_key(index): value for index in range(100)})
-            update_seconds = []
-            for number in range(update_count):
-                first = number * scale.update_entries
-                entries = {make_key(index): value for index in range(first, first + scale.update_entries)}
-                update_seconds.append(time_once(lambda: store.update(entries)))
 
+        context.progress(f"W4 updates, {len(stores)} systems in turn")
+        update_seconds: dict[Variant, list[float]] = {variant: [] for variant in stores}
+        for number in range(update_count):
+            first = number * scale.update_entries
+            entries = {make_key(index): value for index in range(first, first + scale.update_entries)}
+            for variant, store in stores.items():
+                update_seconds[variant].append(time_once(lambda: store.update(entries)))  # noqa: B023 - called at once
+
+        context.progress(f"W4 iteration, {len(stores)} systems in turn")
+        for variant, store in stores.items():
             counted = consume(store.items())
             if counted != scale.iterate_items:
                 raise RuntimeError(f"{variant.name} iterated {counted} items, expected {scale.iterate_items}")
-            iterate_seconds = median_time(lambda: consume(store.items()), scale.iterate_repetitions)
-            check_value(store.get(make_key(0)), value, variant)
-        finally:
-            store.close()
+        iterate_seconds: dict[Variant, list[float]] = {variant: [] for variant in stores}
+        for _ in range(scale.iterate_repetitions):
+            for variant, store in stores.items():
+                iterate_seconds[variant].append(time_once(lambda: consume(store.items())))  # noqa: B023 - called at once
 
-        context.record(
-            "W4", variant, "update", statistics.median(update_seconds) * 1000, "ms", entries=scale.update_entries
-        )
-        context.record("W4", variant, "iterate", iterate_seconds * 1000, "ms", items=scale.iterate_items)
+        for variant, store in stores.items():
+            check_value(store.get(make_key(0)), value, variant)
+
+    for variant in update_seconds:
+        median_update = statistics.median(update_seconds[variant]) * 1000
+        median_iteration = statistics.median(iterate_seconds[variant]) * 1000
+        context.record("W4", variant, "update", median_update, "ms", entries=scale.update_entries)
+        context.record("W4", variant, "iterate", median_iteration, "ms", items=scale.iterate_items)
 
 
 # W5: several processes of durable sets.
 
 
-def durable_warm_up(store: Store, worker: int, writes: int, value: str) -> int:
+def durable_warm_up(store: Store, worker: int, first: int, writes: int, value: str) -> int:
     for index in range(20):
         store.set(f"warm-{worker}-{index}", value)
     return 20
 
 
-def durable_body(store: Store, worker: int, writes: int, value: str) -> int:
-    for index in range(writes):
+def durable_body(store: Store, worker: int, first: int, writes: int, value: str) -> int:
+    for index in range(first, first + writes):
         store.set(f"w5-{worker}-{index}", value)
     return writes
 
@@ -327,22 +388,29 @@ def run_w5(context: Context) -> None:
     if not variants:
         return
 
+    specs = {variant: context.spec(variant, "w5") for variant in variants}
+    writes_per_round = -(-scale.durable_writes // scale.rounds)
+    runs: dict[Variant, list[list[WorkerReport]]] = {variant: [] for variant in variants}
+    context.progress(f"W5 {len(variants)} systems in turn")
     with WorkerPool(scale.durable_processes) as pool:
-        for variant in variants:
-            context.progress(f"W5 {variant.name}")
-            spec = context.spec(variant, "w5")
-            arguments = [(worker, scale.durable_writes, value) for worker in range(scale.durable_processes)]
-            reports = pool.run(spec, durable_warm_up, durable_body, arguments)
-            context.record(
-                "W5",
-                variant,
-                "writes",
-                total_rate(reports),
-                "writes/s",
-                higher_is_better=True,
-                processes=scale.durable_processes,
-                writes_per_process=scale.durable_writes,
-            )
+        for first in range(0, scale.durable_writes, writes_per_round):
+            writes = min(writes_per_round, scale.durable_writes - first)
+            arguments = [(worker, first, writes, value) for worker in range(scale.durable_processes)]
+            for variant, spec in specs.items():
+                runs[variant].append(pool.run(spec, durable_warm_up, durable_body, arguments))
+
+    for variant in variants:
+        context.record(
+            "W5",
+            variant,
+            "writes",
+            combined_rate(runs[variant]),
+            "writes/s",
+            higher_is_better=True,
+            processes=scale.durable_processes,
+            writes_per_process=scale.durable_writes,
+            rounds=scale.rounds,
+        )
 
 
 # W6: many gets gathered on one async connection, against the blocking loop.
@@ -402,21 +470,26 @@ def run_w7(context: Context) -> None:
     block = os.urandom(MiB)
     value = (block * (scale.large_value_bytes // MiB + 1))[: scale.large_value_bytes]
 
-    for variant in context.select(ALL_MAIN):
-        context.progress(f"W7 {variant.name}")
-        store = context.spec(variant, "w7").open()
-        try:
+    with context.open_stores(ALL_MAIN, "w7") as stores:
+        for store in stores.values():
             store.set("warm", block)
             store.get("warm")
-            put_seconds = median_time(lambda: store.set("large", value), scale.large_value_repetitions)
-            get_seconds = median_time(lambda: store.get("large"), scale.large_value_repetitions)
-            check_value(store.get("large"), value, variant)
-        finally:
-            store.close()
 
-        parameters = {"value_bytes": scale.large_value_bytes, "repetitions": scale.large_value_repetitions}
-        context.record("W7", variant, "put", put_seconds * 1000, "ms", **parameters)
-        context.record("W7", variant, "get", get_seconds * 1000, "ms", **parameters)
+        context.progress(f"W7 {len(stores)} systems in turn")
+        put_seconds: dict[Variant, list[float]] = {variant: [] for variant in stores}
+        get_seconds: dict[Variant, list[float]] = {variant: [] for variant in stores}
+        for _ in range(scale.large_value_repetitions):
+            for variant, store in stores.items():
+                put_seconds[variant].append(time_once(lambda: store.set("large", value)))  # noqa: B023 - called at once
+                get_seconds[variant].append(time_once(lambda: store.get("large")))  # noqa: B023 - called at once
+
+        for variant, store in stores.items():
+            check_value(store.get("large"), value, variant)
+
+    parameters = {"value_bytes": scale.large_value_bytes, "repetitions": scale.large_value_repetitions}
+    for variant in put_seconds:
+        context.record("W7", variant, "put", statistics.median(put_seconds[variant]) * 1000, "ms", **parameters)
+        context.record("W7", variant, "get", statistics.median(get_seconds[variant]) * 1000, "ms", **parameters)
 
 
 # W8: get latency as the dict grows.
@@ -427,23 +500,28 @@ def run_w8(context: Context) -> None:
     value = make_text(100)
     rng = random.Random(8)
 
-    for variant in context.select(READ_ONLY):
-        store = context.spec(variant, "w8").open()
-        try:
-            filled = 0
-            for size in scale.sizes:
-                context.progress(f"W8 {variant.name}, {size:,} entries")
+    with context.open_stores(READ_ONLY, "w8") as stores:
+        filled = 0
+        for size in scale.sizes:
+            context.progress(f"W8 {size:,} entries, {len(stores)} systems in turn")
+            for store in stores.values():
                 for entries in chunks(filled, size, value):
                     store.update(entries)
-                filled = size
-                keys = [make_key(rng.randrange(size)) for _ in range(scale.sized_gets)]
+            filled = size
+
+            keys = [make_key(rng.randrange(size)) for _ in range(scale.sized_gets)]
+            gets: dict[Variant, list[Latencies]] = {variant: [] for variant in stores}
+            for store in stores.values():
                 for key in keys[: scale.warm_up]:
                     store.get(key)
-                gets = time_each(store.get, keys)
+            for block in split(keys, scale.rounds):
+                for variant, store in stores.items():
+                    gets[variant].append(time_each(store.get, block))
+
+            for variant, store in stores.items():
                 check_value(store.get(keys[0]), value, variant)
-                context.record("W8", variant, f"get p50 at {size:,}", gets.percentile(0.50), "µs", entries=size)
-        finally:
-            store.close()
+                p50 = Latencies.combine(gets[variant]).percentile(0.50)
+                context.record("W8", variant, f"get p50 at {size:,}", p50, "µs", entries=size)
 
 
 # W9: the server's memory with many entries.
