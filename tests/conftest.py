@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from helpers import socket_accepts
 from sharedict.api.config import Settings
 from sharedict.api.transport import Client
 
@@ -42,17 +42,6 @@ os.environ["SHAREDICT_AUTOSTART"] = "0"
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_session_dir, ignore_errors=True)
-
-
-def socket_accepts(socket_path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(socket_path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 class Daemon:
