@@ -357,6 +357,37 @@ def test_read_after_recorded_read_records_nothing(store, clock):
     assert get_touch(store, object_id, b"k") is None
 
 
+def recorded_access_ms(store: Store) -> list[int]:
+    """The access times in the last-access index, whose keys are data id, time, sequence number."""
+    with store.reader() as txn:
+        return [int.from_bytes(key[8:16], "big") for key in txn.cursor(db=store._access).iternext(values=False)]
+
+
+def test_overwrite_within_granularity_records_nothing(store, clock):
+    object_id = new_dict(store)
+    put(store, object_id, b"k")
+    clock.advance(GRANULARITY - 0.001)
+    put(store, object_id, b"k", b"new")
+    assert recorded_access_ms(store) == [int(START * 1000)]
+
+
+def test_overwrite_within_granularity_never_expires_early(store, clock):
+    object_id = new_dict(store)
+    put(store, object_id, b"k")
+    clock.advance(GRANULARITY - 0.001)
+    put(store, object_id, b"k", b"new")
+    clock.advance(EXPIRE_AFTER - 0.001)
+    assert visible(store, object_id, b"k")
+
+
+def test_overwrite_after_granularity_records(store, clock):
+    object_id = new_dict(store)
+    put(store, object_id, b"k")
+    clock.advance(GRANULARITY)
+    put(store, object_id, b"k", b"new")
+    assert recorded_access_ms(store) == [int(clock.now * 1000)]
+
+
 def test_scan_within_granularity_records_nothing(store, clock):
     object_id = new_dict(store)
     fill(store, object_id, 10)

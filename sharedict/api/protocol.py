@@ -107,40 +107,55 @@ class FrameReader:
     Feed it whatever ``recv`` returned; iterate ``frames()`` for complete bodies. A
     header that announces an oversized frame raises ``FrameTooLarge`` before any of its
     body is buffered.
+
+    Data fed while nothing is buffered, the usual case for a request or a reply, is
+    split without copying: its bodies are memoryviews of the received bytes. Only an
+    incomplete frame at its end is copied into the buffer.
     """
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         self._buffer = bytearray()
+        self._received: bytes | None = None
         self._max_frame_size = max_frame_size
 
     def feed(self, data: bytes | memoryview) -> None:
+        if self._received is None and not self._buffer and type(data) is bytes:
+            self._received = data
+            return
+        self._buffer_received()
         self._buffer += data
 
-    def frames(self) -> Iterator[bytes]:
+    def _buffer_received(self) -> None:
+        if self._received is not None:
+            self._buffer += self._received
+            self._received = None
+
+    def frames(self) -> Iterator[bytes | memoryview]:
         """Yield each complete frame body once; a caller may stop iterating at any frame."""
-        buffer = self._buffer
+        if self._received is not None:
+            received, self._received = self._received, None
+            yield from self._split(received, memoryview(received))
+        else:
+            yield from self._split(self._buffer, None)
+
+    def _split(self, data: bytes | bytearray, view: memoryview | None) -> Iterator[bytes | memoryview]:
         start = 0
         try:
-            while len(buffer) - start >= HEADER.size:
-                (size,) = HEADER.unpack_from(buffer, start)
+            while len(data) - start >= HEADER.size:
+                (size,) = HEADER.unpack_from(data, start)
                 if size > self._max_frame_size:
                     raise FrameTooLarge(size)
                 end = start + HEADER.size + size
-                if len(buffer) < end:
+                if len(data) < end:
                     break
-                body = bytes(buffer[start + HEADER.size : end])
+                # A body cut from the buffer is copied, since the buffer changes later.
+                body = view[start + HEADER.size : end] if view is not None else bytes(data[start + HEADER.size : end])
                 # Consume the frame before yielding it: a caller that returns from its
                 # loop at this frame must not find it again in the next call.
                 start = end
                 yield body
         finally:
-            del buffer[:start]
-
-    def pending_frame_size(self) -> int | None:
-        """The size of the frame being received, once its header has arrived."""
-        if len(self._buffer) < HEADER.size:
-            return None
-        return HEADER.unpack_from(self._buffer)[0]
-
-    def buffered(self) -> int:
-        return len(self._buffer)
+            if view is None:
+                del self._buffer[:start]
+            elif start < len(data):
+                self._buffer += view[start:]

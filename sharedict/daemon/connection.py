@@ -191,7 +191,7 @@ class Connection:
                 with self._send_lock:
                     self._pending_write_bytes += len(body)
                 try:
-                    self.server.writer.submit(function, self._reply_callback(request_id, len(body)), size)
+                    self.server.writer.submit(function, self._reply_callback(request_id, len(body)), size, source=self)
                 except BaseException:
                     self._write_done(len(body))
                     raise

@@ -1,12 +1,13 @@
 """The expiry policy: when an entry has expired, and when a read is worth recording.
 
 Times are wall-clock milliseconds, because expiry must hold across restarts of the
-daemon. Writes record their time exactly. Reads record theirs at most once per *recording
-granularity* (1% of ``expire_after``), so that steady reads do not become one disk write
-each. A read in between records nothing. The entry then expires one granularity later
-than its recorded access alone would say, so that no read ends its life early. An entry
-therefore expires between ``expire_after`` and ``expire_after`` plus 1% after its last
-activity.
+daemon. A write that adds an entry records its time exactly. Reads, and writes to an
+entry that exists, record theirs at most once per *recording granularity* (1% of
+``expire_after``), so that steady reads do not become one disk write each and an
+overwrite changes only the value. Activity in between records nothing. The entry then
+expires one granularity later than its recorded access alone would say, so that no
+activity ends its life early. An entry therefore expires between ``expire_after`` and
+``expire_after`` plus 1% after its last activity.
 
 A wall clock that jumps backwards makes entries look younger, never older, and recorded
 accesses never move back in time, so such a jump never expires an entry early. A jump
@@ -69,5 +70,5 @@ class ExpiryPolicy:
         return access_ms < self.cutoff_ms(now_ms)
 
     def is_recording_due(self, access_ms: int, now_ms: int) -> bool:
-        """Return whether a read at ``now_ms`` should record its access."""
+        """Return whether activity at ``now_ms`` should record its access."""
         return now_ms - access_ms >= self.granularity_ms

@@ -11,36 +11,38 @@ class ResizeGate:
     """Lets read transactions run together, and the map resize run alone.
 
     LMDB allows ``mdb_env_set_mapsize`` only while the process has no transaction open.
+    Every read passes this gate twice, so entering and leaving take the bare lock and
+    wake nobody unless a resize waits.
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._readers = 0
         self._resizing = False
 
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
+    def enter_shared(self) -> None:
+        """Admit one reader; it waits while a resize runs. Pair with ``leave_shared``."""
+        with self._lock:
             while self._resizing:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+
+    def leave_shared(self) -> None:
+        with self._lock:
+            self._readers -= 1
+            if self._resizing and self._readers == 0:
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
-        with self._cond:
+        with self._lock:
             self._resizing = True
             while self._readers:
                 self._cond.wait()
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self._resizing = False
                 self._cond.notify_all()

@@ -11,20 +11,17 @@ belong to the writer thread (see ``writer.py``); readers use ``Store.reader()``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import mmap
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import lmdb
 
 from sharedict.engine.errors import DictExists, DictNotFound, EngineError, EntryNotFound, StorageFull
 from sharedict.engine.expiry import ExpiryPolicy
-
-logger = logging.getLogger(__name__)
 from sharedict.engine.gate import ResizeGate
 from sharedict.engine.layout import (
     FORMAT_VERSION,
@@ -51,6 +48,8 @@ GROW_THRESHOLD = 0.75
 # After a failed attempt to grow the map, writes try again ahead of time only after this
 # many seconds, so that a map that cannot grow does not log a warning per commit.
 GROW_RETRY_SECONDS = 60.0
+# Unpacked dict records are kept for this many dicts; every request needs its dict's.
+RECORD_CACHE_SIZE = 4096
 
 
 class Store:
@@ -80,6 +79,9 @@ class Store:
         self._clock = clock
         self._gate = ResizeGate()
         self._growth_failed_at: float | None = None
+        # Object id -> (packed record, record). A hit still reads the packed record in
+        # the request's transaction, so a dict cleared or deleted since is never missed.
+        self._records: dict[bytes, tuple[bytes, DictRecord]] = {}
 
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         self._open(map_size)
@@ -106,6 +108,7 @@ class Store:
         self._access = self.env.open_db(b"access")
         self._garbage = self.env.open_db(b"garbage")
         self._meta = self.env.open_db(b"meta")
+        self._page_size = self.env.stat()["psize"]
 
     def close(self) -> None:
         self.env.close()
@@ -123,15 +126,9 @@ class Store:
 
     # Transactions and the map.
 
-    @contextlib.contextmanager
-    def reader(self) -> Iterator[lmdb.Transaction]:
-        """Open a short read transaction; keep it for one request, not for a whole scan."""
-        with self._gate.shared():
-            txn = self.env.begin()
-            try:
-                yield txn
-            finally:
-                txn.abort()
+    def reader(self) -> ReadTransaction:
+        """Open a short read transaction for a ``with`` block: one request, not a whole scan."""
+        return ReadTransaction(self, self._gate)
 
     def begin_write(self) -> lmdb.Transaction:
         """Open the write transaction; only the writer thread may call this."""
@@ -143,8 +140,7 @@ class Store:
         Call between write transactions, from the writer thread.
         """
         info = self.env.info()
-        page_size = self.env.stat()["psize"]
-        used = (info["last_pgno"] + 1) * page_size
+        used = (info["last_pgno"] + 1) * self._page_size
         # Pages of a write are copied on write, and large values are written whole, so
         # a write may take about twice its size until older pages are reused.
         needed = used + 2 * incoming_bytes
@@ -278,7 +274,14 @@ class Store:
         raw = txn.get(object_id, db=self._dicts)
         if raw is None:
             raise DictNotFound(f"dict di-{object_id.hex()} not found: no dict has this id, or it was deleted")
-        return DictRecord.unpack(object_id, raw)
+        cached = self._records.get(object_id)
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        record = DictRecord.unpack(object_id, raw)
+        if len(self._records) >= RECORD_CACHE_SIZE:
+            self._records.clear()
+        self._records[object_id] = (raw, record)
+        return record
 
     def _new_id(self, txn: lmdb.Transaction, db: object) -> bytes:
         # Random ids are never reused, so a handle kept across a delete and a re-create
@@ -497,18 +500,15 @@ class Store:
 
         if found is not None:
             seq, _, access_ms = found
-            if skip_if_exists:
-                # Finding the key is activity too, recorded as a read's would be.
-                if self.expiry.is_recording_due(access_ms, now_ms):
-                    order_value = txn.get(data_id + U64.pack(seq), db=self._order)
-                    _, _, kept_key = unpack_order(order_value)
-                    self._set_access(txn, data_id, seq, access_ms, ref, kept_key, now_ms)
-                return False
-            # Overwriting keeps the position and the first key object, as a dict does.
-            txn.put(data_id + ref, U64.pack(seq) + value, db=self._index)
-            _, _, kept_key = unpack_order(txn.get(data_id + U64.pack(seq), db=self._order))
-            self._set_access(txn, data_id, seq, access_ms, ref, kept_key, now_ms)
-            return True
+            if not skip_if_exists:
+                # Overwriting keeps the position and the first key object, as a dict does.
+                txn.put(data_id + ref, U64.pack(seq) + value, db=self._index)
+            # Finding or overwriting the key is activity, recorded as a read's is: at
+            # most once per granularity, so that an overwrite changes one record, not three.
+            if self.expiry.is_recording_due(access_ms, now_ms):
+                _, _, kept_key = unpack_order(txn.get(data_id + U64.pack(seq), db=self._order))
+                self._set_access(txn, data_id, seq, access_ms, ref, kept_key, now_ms)
+            return not skip_if_exists
 
         count, next_seq = STATS.unpack(txn.get(data_id, db=self._stats))
         seq = next_seq
@@ -641,6 +641,30 @@ class Store:
         value = (U64.unpack(raw)[0] if raw else 0) + 1
         txn.put(b"counter:" + name, U64.pack(value), db=self._meta)
         return value
+
+
+class ReadTransaction:
+    """A read transaction that holds the resize gate while it is open."""
+
+    __slots__ = ("_store", "_gate", "_txn")
+
+    def __init__(self, store: Store, gate: ResizeGate) -> None:
+        self._store = store
+        self._gate = gate
+
+    def __enter__(self) -> lmdb.Transaction:
+        self._gate.enter_shared()
+        try:
+            # Read the environment only once inside the gate: a failed resize opens it anew.
+            self._txn = self._store.env.begin()
+        except BaseException:
+            self._gate.leave_shared()
+            raise
+        return self._txn
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._txn.abort()
+        self._gate.leave_shared()
 
 
 def _reserve_address_space(size: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,18 @@ Callback = Callable[[Any, BaseException | None], None]
 MAX_BATCH_WRITES = 20_000
 MAX_BATCH_BYTES = 512 << 20
 
+# Clients that write at the same time should share each fsync. Without a pause they split
+# into groups that take turns: while one group's commit runs, the other group's writes
+# queue up and form the next batch. So the writer waits briefly for the clients it has
+# just acknowledged, if they write steadily (they had writes in at least GATHER_REPEATS
+# of the last GATHER_HISTORY batches): at most GATHER_SHARE of the last commit's time,
+# and at most MAX_GATHER_SECONDS. A single client, or one that writes now and then,
+# never waits.
+GATHER_HISTORY = 4
+GATHER_REPEATS = 2
+GATHER_SHARE = 0.5
+MAX_GATHER_SECONDS = 0.0005
+
 # A write that finds the store full first removes up to this many records of cleared or
 # deleted dicts, in transactions of RECLAIM_BATCH records, so the writer pauses for a
 # bounded time.
@@ -39,12 +52,13 @@ RECLAIM_BATCH = 2_000
 
 
 class _Write:
-    __slots__ = ("function", "callback", "size")
+    __slots__ = ("function", "callback", "size", "source")
 
-    def __init__(self, function: WriteFunction, callback: Callback | None, size: int) -> None:
+    def __init__(self, function: WriteFunction, callback: Callback | None, size: int, source: object) -> None:
         self.function = function
         self.callback = callback
         self.size = size
+        self.source = source
 
 
 class GroupCommitWriter:
@@ -62,20 +76,27 @@ class GroupCommitWriter:
         self._thread = threading.Thread(target=self._run, name="sharedict-writer", daemon=True)
         self.commits = 0
         self.writes = 0
+        # The sources of the writes of the last batches, and the last commit's time.
+        self._batch_sources: deque[set[object]] = deque(maxlen=GATHER_HISTORY)
+        self._commit_seconds = 0.0
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, function: WriteFunction, callback: Callback | None = None, size: int = 0) -> None:
+    def submit(
+        self, function: WriteFunction, callback: Callback | None = None, size: int = 0, source: object = None
+    ) -> None:
         """Queue ``function(txn)``; ``callback(result, error)`` runs once it is durable.
 
         ``size`` is the number of bytes the write stores, used to grow the map in time.
         Without a callback the write is fire-and-forget, as for recording accesses.
+        ``source`` names the client that waits for the write, such as its connection:
+        a batch waits briefly for the clients that wrote in the last commits.
         """
         with self._cond:
             if self._stopping:
                 raise EngineError("the store is shutting down; retry after it restarts")
-            self._queue.append(_Write(function, callback, size))
+            self._queue.append(_Write(function, callback, size, source))
             self._cond.notify()
 
     def call(self, function: WriteFunction, size: int = 0) -> Any:
@@ -109,8 +130,40 @@ class GroupCommitWriter:
                     self._cond.wait()
                 if not self._queue and self._stopping:
                     return
+                self._gather()
                 batch = self._take_batch()
+            started = time.monotonic()
             self._commit(batch)
+            self._commit_seconds = time.monotonic() - started
+            self._batch_sources.append({write.source for write in batch if write.source is not None})
+
+    def _gather(self) -> None:
+        """With the lock held, wait for the steady writers that the last commit acknowledged.
+
+        Each submit wakes the wait; it ends once each of them has queued a write, after a
+        share of the last commit's time, or when the writer stops.
+        """
+        if not self._batch_sources:
+            return
+        history = self._batch_sources
+        missing = {
+            source for source in history[-1] if sum(source in sources for sources in history) >= GATHER_REPEATS
+        }
+        missing.difference_update(write.source for write in self._queue)
+        if not missing:
+            return
+
+        deadline = time.monotonic() + min(MAX_GATHER_SECONDS, GATHER_SHARE * self._commit_seconds)
+        checked = len(self._queue)
+        while missing and not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
+            # Only this thread takes writes from the queue, so new ones are at its end.
+            for position in range(checked, len(self._queue)):
+                missing.discard(self._queue[position].source)
+            checked = len(self._queue)
 
     def _take_batch(self) -> list[_Write]:
         batch = []
