@@ -86,3 +86,29 @@ def test_unknown_system_is_a_usage_error() -> None:
     completed = run_suite("--systems", "memcached")
     assert completed.returncode == 2
     assert "memcached" in completed.stderr
+
+
+def test_floors_run_writes_every_step(tmp_path: Path) -> None:
+    json_path = tmp_path / "floors.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_floors", "--count", "20"]
+        + ["--json", str(json_path), "--tmp-dir", str(tmp_path)],
+        cwd=REPOSITORY,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert completed.returncode == 0, completed.stderr
+    floors = json.loads(json_path.read_text())["floors"]
+    assert sorted(floors) == sorted(
+        [
+            "append + fdatasync",
+            "LMDB commit, 1 table",
+            "LMDB commit, sharedict layout",
+            "socket round trip",
+            "sharedict put",
+            "sharedict get",
+        ]
+    )
+    assert all(figures["p50_us"] > 0 for figures in floors.values())
