@@ -792,6 +792,38 @@ def test_import_malformed_entry_fails(run, name, tmp_path):
     assert "entry 1 is not" in err
 
 
+def forged_export(path: Path, *entries: list[bytes | None]) -> str:
+    """Write an export file of ``entries`` with a valid header and end marker."""
+    packer = msgpack.Packer(use_bin_type=True)
+    header = {"format": "sharedict-export", "version": FORMAT_VERSION}
+    body = b"".join(packer.pack(entry) for entry in entries)
+    path.write_bytes(packer.pack(header) + body + packer.pack({"entries": len(entries)}))
+    return str(path)
+
+
+def test_import_foreign_match_key_fails(run, name, tmp_path):
+    path = forged_export(tmp_path / "forged.sdx", [b"Sk", b"Sother", b"v"])
+    code, _, err = run("import", name, path)
+    assert code == 1
+    assert "match key of entry 1 does not belong to its stored key" in err
+
+
+def test_import_noncanonical_key_fails(run, name, tmp_path):
+    # True is stored under the match key of 1, never under its own encoding.
+    path = forged_export(tmp_path / "forged.sdx", [b"Sk", None, b"v"], [b"1", None, b"v"])
+    code, _, err = run("import", name, path)
+    assert code == 1
+    assert "entry 2" in err
+
+
+def test_import_cut_tuple_key_fails(run, name, tmp_path):
+    path = forged_export(tmp_path / "forged.sdx", [b"T\x00\x00\x00\x02", None, b"v"])
+    code, _, err = run("import", name, path)
+    assert code == 1
+    assert "the key of entry 1 is not a key encoding" in err
+    assert run("get", name, "k")[0] == 1
+
+
 def test_import_other_file_fails(run, name, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("not an export\n")

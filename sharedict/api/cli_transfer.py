@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
@@ -226,6 +227,16 @@ class _ExportReader:
         )
         if not valid:
             raise self._damaged(f"entry {number} is not [key, stored key, value] bytes")
+
+        # The daemon finds an entry by its match key, so one that does not belong to
+        # its stored key would make the key unreachable, or reachable twice.
+        match_key, stored_key, _ = item
+        try:
+            expected = match_key_of(stored_key if stored_key is not None else match_key)
+        except (struct.error, IndexError, ValueError) as exc:
+            raise self._damaged(f"the key of entry {number} is not a key encoding ({exc})") from None
+        if match_key != expected:
+            raise self._damaged(f"the match key of entry {number} does not belong to its stored key")
         return item
 
     def _check_trailer(self, trailer: dict[str, Any], count: int) -> None:
