@@ -66,7 +66,7 @@ def check_socket_path(socket_path: str) -> None:
         )
 
 
-def parse_seconds(raw: str, *, zero_allowed: bool) -> float:
+def parse_seconds(raw: str | float, *, zero_allowed: bool) -> float:
     """Parse a finite, positive number of seconds; ``zero_allowed`` also accepts 0.
 
     Raises ``ValueError`` for any other text, such as ``inf``, ``nan`` or ``-1``.
@@ -113,6 +113,17 @@ class Settings:
     expire_after: float = DEFAULT_EXPIRE_AFTER
     sweep_interval: float = DEFAULT_SWEEP_INTERVAL
     autostart: bool = True
+
+    def __post_init__(self) -> None:
+        # An autostarted daemon gets these values, so a bad one fails here, in the caller.
+        for field, value, zero_allowed, values in (
+            ("expire_after", self.expire_after, True, EXPIRE_AFTER_VALUES),
+            ("sweep_interval", self.sweep_interval, False, SWEEP_INTERVAL_VALUES),
+        ):
+            try:
+                parse_seconds(value, zero_allowed=zero_allowed)
+            except (TypeError, ValueError):
+                raise InvalidError(f"Settings({field}={value!r}) is invalid; set it to {values}") from None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> Settings:
