@@ -696,6 +696,29 @@ def test_lambda_value_round_trips(daemon):
     assert d["function"](21) == 42
 
 
+# Updates of many entries.
+
+
+def test_update_with_repeated_keys_keeps_first_positions(daemon):
+    d = fresh_dict()
+    long_key = "long-" * 200  # beyond the length at which the engine indexes a key's digest
+    d.update({"a": 1, "b": 2})
+    d.update([("c", 3), ("a", 10), (long_key, 5), ("c", 30), ("d", 4), ("b", 20), (long_key, 50)])
+
+    assert list(d.items()) == [("a", 10), ("b", 20), ("c", 30), (long_key, 50), ("d", 4)]
+    assert d.len() == 5
+
+
+def test_update_of_many_entries_keeps_order(daemon):
+    d = fresh_dict()
+    d.update((i, "first") for i in range(0, 2 * PAGE_SIZE, 2))
+    d.update((i, "second") for i in range(2 * PAGE_SIZE))
+
+    assert list(d.keys()) == list(range(0, 2 * PAGE_SIZE, 2)) + list(range(1, 2 * PAGE_SIZE, 2))
+    assert set(d.values()) == {"second"}
+    assert d.len() == 2 * PAGE_SIZE
+
+
 # Iteration.
 
 
@@ -709,23 +732,23 @@ def test_iteration_over_pages(daemon):
     assert list(d) == [f"key-{i}" for i in range(count)]
 
 
-def test_iteration_fetches_pages_lazily(daemon):
+def test_iteration_reads_one_page_ahead(daemon):
     d = fresh_dict()
-    count = PAGE_SIZE + 200
+    count = 2 * PAGE_SIZE + 200
     d.update((i, "original") for i in range(count))
     items = d.items()
     first = [next(items) for _ in range(10)]
 
-    # Only the first page has been read, so the iteration sees these writes to later
-    # entries: a changed value, and deleted entries.
-    d.update((i, "changed") for i in range(PAGE_SIZE, count))
+    # The first page has been read and the second requested, but not the third, so the
+    # iteration sees these writes to its entries: a changed value, and deleted entries.
+    d.update((i, "changed") for i in range(2 * PAGE_SIZE, count))
     for i in range(count - 20, count):
         del d[i]
     rest = list(items)
 
     assert first == [(i, "original") for i in range(10)]
-    assert rest[: PAGE_SIZE - 10] == [(i, "original") for i in range(10, PAGE_SIZE)]
-    assert rest[PAGE_SIZE - 10 :] == [(i, "changed") for i in range(PAGE_SIZE, count - 20)]
+    assert rest[: 2 * PAGE_SIZE - 10] == [(i, "original") for i in range(10, 2 * PAGE_SIZE)]
+    assert rest[2 * PAGE_SIZE - 10 :] == [(i, "changed") for i in range(2 * PAGE_SIZE, count - 20)]
 
 
 def test_iteration_of_large_values(daemon):
@@ -748,6 +771,31 @@ def test_iteration_stopped_early(daemon):
         if key == 3:
             break
     assert d.len() == 1500
+
+
+def test_iteration_stopped_early_keeps_connection(daemon):
+    # Leaving the loop drops the reply of the page read ahead and keeps its connection
+    # open: closing the process's last connection would delete its ephemeral dicts.
+    client = daemon.client()
+    with Dict.ephemeral(client=client) as d:
+        d.update((i, i) for i in range(3 * PAGE_SIZE))
+        for key in d.keys():
+            if key == 3:
+                break
+        idle = list(client._idle)
+        assert len(idle) == 1
+        assert not idle[0].closed
+        assert d.len() == 3 * PAGE_SIZE
+
+
+def test_iteration_of_dict_deleted_meanwhile_raises(daemon):
+    d = fresh_dict()
+    d.update((i, i) for i in range(3 * PAGE_SIZE))
+    keys = d.keys()
+    assert next(keys) == 0
+    Dict.objects.delete(d.name)
+    with pytest.raises(NotFoundError, match="was deleted"):
+        list(keys)
 
 
 def test_iteration_while_writing_yields_untouched_once(daemon):

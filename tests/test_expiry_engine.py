@@ -645,3 +645,35 @@ def test_invalid_expire_after_raises(tmp_path, expire_after):
         Store(tmp_path / "data", expire_after=expire_after)
 
 
+# Updates of many entries: new keys take a faster path than present or expired ones.
+
+
+def test_update_mixes_new_present_and_expired_keys(store: Store, clock: FakeClock) -> None:
+    object_id = new_dict(store)
+    fill(store, object_id, 3)
+    clock.advance(LIFETIME)
+    put(store, object_id, b"live")
+    entries = [
+        (b"k1", None, b"back"),
+        (b"new", None, b"1"),
+        (b"live", None, b"2"),
+        (b"new", None, b"3"),
+    ]
+    write(store, lambda txn: store.update(txn, object_id, entries))
+
+    # The expired k1 comes back as a new entry, after the present one.
+    assert scan(store, object_id) == [b"live", b"k1", b"new"]
+    assert scan(store, object_id, keys=False, values=True) == [b"2", b"back", b"3"]
+    assert length(store, object_id) == 3
+
+
+def test_update_keeps_entry_count_exact(store: Store, clock: FakeClock) -> None:
+    object_id = new_dict(store)
+    fill(store, object_id, 3)
+    clock.advance(LIFETIME)
+    entries = [(b"k0", None, b"back"), (b"new", None, b"1"), (b"new", None, b"2"), (b"other", None, b"3")]
+    write(store, lambda txn: store.update(txn, object_id, entries))
+    write(store, lambda txn: store.remove_expired(txn, limit=100))
+
+    with store.reader() as txn:
+        assert store.count_entries(txn) == 3

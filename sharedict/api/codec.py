@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import contextvars
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from sharedict.api import protocol
 from sharedict.api.errors import DeserializationError, Error, InvalidError, RequestSizeError, SerializationError
-from sharedict.api.serialization import KeyTooDeep, decode_key, dump_value, encode_key, load_value
+from sharedict.api.serialization import (
+    PLAIN_VALUE_TYPES,
+    KeyTooDeep,
+    decode_key,
+    dump_value,
+    encode_key,
+    load_value,
+)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEFAULT_ENVIRONMENT = "main"
@@ -87,13 +95,17 @@ def encode_request_key(key: Any, dict_label: str) -> tuple[bytes, bytes | None]:
             f"cannot pickle a key of type {type(key).__name__} for {dict_label}: {type(exc).__name__}: {exc}; "
             "use a key of plain types such as str, int or a tuple of those"
         ) from exc
+    _check_key_size(match_key, stored_key, dict_label)
+    return match_key, stored_key
+
+
+def _check_key_size(match_key: bytes, stored_key: bytes | None, dict_label: str) -> None:
     size = max(len(match_key), len(stored_key or b""))
     if size > protocol.MAX_OBJECT_SIZE:
         raise RequestSizeError(
             f"key of {_mib(size)} exceeds the {protocol.MAX_OBJECT_SIZE // protocol.MiB} MiB limit for "
             f"{dict_label}; use a smaller key, such as a hash of this one"
         )
-    return match_key, stored_key
 
 
 def encode_request_value(key: Any, value: Any, dict_label: str) -> bytes:
@@ -108,29 +120,45 @@ def encode_request_value(key: Any, value: Any, dict_label: str) -> bytes:
             f"{type(exc).__name__}: {exc}; store objects that cloudpickle can pickle, such as the plain data "
             "this object contains"
         ) from exc
+    _check_value_size(key, data, dict_label)
+    return data
+
+
+def _check_value_size(key: Any, data: bytes, dict_label: str) -> None:
     if len(data) > protocol.MAX_OBJECT_SIZE:
         raise RequestSizeError(
             f"value of {_mib(len(data))} for key {_short_repr(key)} exceeds the "
             f"{protocol.MAX_OBJECT_SIZE // protocol.MiB} MiB limit for {dict_label}; "
             "store large objects in files and keep their paths in the dict"
         )
-    return data
 
 
-def encode_update(items: list[tuple[Any, Any]], dict_label: str) -> list[list[bytes | None]]:
+def encode_update(items: list[tuple[Any, Any]], dict_label: str) -> list[tuple[bytes, bytes | None, bytes]]:
     """Encode the entries of an ``update()``; all are checked before any is sent."""
     if len(items) > protocol.MAX_UPDATE_ENTRIES:
         raise RequestSizeError(
             f"update of {len(items)} entries exceeds the limit of {protocol.MAX_UPDATE_ENTRIES} entries for "
             f"{dict_label}; split it into several update() calls"
         )
-    entries: list[list[bytes | None]] = []
-    total = _REQUEST_OVERHEAD
+    entries: list[tuple[bytes, bytes | None, bytes]] = []
+    total = _REQUEST_OVERHEAD + _ENTRY_OVERHEAD * len(items)
     for key, value in items:
-        match_key, stored_key = encode_request_key(key, dict_label)
-        data = encode_request_value(key, value, dict_label)
-        entries.append([match_key, stored_key, data])
-        total += len(match_key) + len(stored_key or b"") + len(data) + _ENTRY_OVERHEAD
+        if type(key) is str and type(value) in PLAIN_VALUE_TYPES:
+            # Neither can fail to encode, and no Dict handle can hide in them; the sizes
+            # are checked below.
+            match_key, stored_key = encode_key(key)
+            data = dump_value(value)
+        else:
+            match_key, stored_key = encode_request_key(key, dict_label)
+            data = encode_request_value(key, value, dict_label)
+        entries.append((match_key, stored_key, data))
+        total += len(match_key) + len(data) + (len(stored_key) if stored_key is not None else 0)
+
+    # No key or value can exceed its limit while all of them together stay within it.
+    if total > protocol.MAX_OBJECT_SIZE:
+        for (key, _), (match_key, stored_key, data) in zip(items, entries):
+            _check_key_size(match_key, stored_key, dict_label)
+            _check_value_size(key, data, dict_label)
     if total > protocol.MAX_FRAME_SIZE:
         raise RequestSizeError(
             f"update of {_mib(total)} exceeds the {protocol.MAX_FRAME_SIZE // protocol.MiB} MiB limit of one "
@@ -152,9 +180,54 @@ def decode_value(data: bytes, key: Any, dict_label: str) -> Any:
     try:
         return load_value(data)
     except Exception as exc:
-        raise DeserializationError(
-            f"cannot unpickle the value of key {_short_repr(key)} in {dict_label}: {_cause(exc)}"
-        ) from exc
+        raise _value_error(exc, key, dict_label) from exc
+
+
+def _value_error(exc: Exception, key: Any, dict_label: str) -> DeserializationError:
+    return DeserializationError(f"cannot unpickle the value of key {_short_repr(key)} in {dict_label}: {_cause(exc)}")
+
+
+# Decoding a page of entries, as ``scan`` returns them: [sequence number, stored key,
+# value]. Each is a generator, so an entry that fails to decode raises only when the
+# caller reaches it, after the entries before it.
+
+
+def decode_keys(entries: list[list[Any]], dict_label: str) -> Iterator[Any]:
+    for _, key_data, _ in entries:
+        yield decode_stored_key(key_data, dict_label)
+
+
+def decode_values(entries: list[list[Any]], dict_label: str) -> Iterator[Any]:
+    for _, key_data, value_data in entries:
+        try:
+            value = load_value(value_data)
+        except Exception as exc:
+            # The key only names the entry, so a key that cannot be unpickled here must not
+            # hide why the value failed.
+            try:
+                key = decode_stored_key(key_data, dict_label)
+            except DeserializationError:
+                key = _UNREADABLE_KEY
+            raise _value_error(exc, key, dict_label) from exc
+        yield value
+
+
+def decode_items(entries: list[list[Any]], dict_label: str) -> Iterator[tuple[Any, Any]]:
+    for _, key_data, value_data in entries:
+        key = decode_stored_key(key_data, dict_label)
+        try:
+            value = load_value(value_data)
+        except Exception as exc:
+            raise _value_error(exc, key, dict_label) from exc
+        yield key, value
+
+
+class _UnreadableKey:
+    def __repr__(self) -> str:
+        return "<a key that cannot be unpickled here>"
+
+
+_UNREADABLE_KEY = _UnreadableKey()
 
 
 def _cause(exc: Exception) -> str:

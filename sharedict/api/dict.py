@@ -17,7 +17,7 @@ Guarantees:
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,29 +26,23 @@ from sharedict.api.codec import (
     LookupNeeded,
     check_environment,
     check_name,
-    decode_stored_key,
+    decode_items,
+    decode_keys,
     decode_value,
+    decode_values,
     encode_request_key,
     encode_request_value,
     encode_update,
     encoding_in_operation,
 )
 from sharedict.api.errors import DeserializationError, InvalidError, NotFoundError
-from sharedict.api.operation import Item, iteration, operation
+from sharedict.api.operation import Items, OperationBody, iteration, operation
 from sharedict.api.transport import Client, Request
 
 PAGE_SIZE = 1000
 _PLAIN_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
 _MISSING = object()
 _Encoded = TypeVar("_Encoded")
-
-
-class _UnreadableKey:
-    def __repr__(self) -> str:
-        return "<a key that cannot be unpickled here>"
-
-
-_UNREADABLE_KEY = _UnreadableKey()
 
 
 @dataclass(frozen=True)
@@ -365,7 +359,9 @@ class Dict:
         """
         items: list[tuple[Any, Any]] = []
         if other is not None:
-            if hasattr(other, "keys"):
+            if type(other) is dict:
+                items.extend(other.items())  # the same pairs as below, read faster
+            elif hasattr(other, "keys"):
                 items.extend((key, other[key]) for key in other.keys())
             else:
                 for position, pair in enumerate(other):
@@ -411,48 +407,39 @@ class Dict:
         if not found:
             raise KeyError(key)
 
-    # Iteration: pages of entries in insertion order, so memory stays bounded.
+    # Iteration: pages of entries in insertion order, so memory stays bounded. The next
+    # page is requested before the caller gets the items of this one, so the daemon reads
+    # it meanwhile. At most two pages are held at a time.
 
-    def _scan(self, keys: bool, values: bool) -> Generator[Any, Any, None]:
+    def _scan(self, decode_page: Callable[[list[list[Any]], str], Iterator[Any]], values: bool) -> OperationBody:
         object_id = yield from self._hydrated()
-        after_seq = 0
+        # Keys always come along: a value that fails to unpickle is named by its key.
+        page = yield from self._request(protocol.SCAN, object_id, 0, PAGE_SIZE, True, values)
         while True:
-            entries, done = yield from self._request(protocol.SCAN, object_id, after_seq, PAGE_SIZE, True, values)
-            for seq, key_data, value_data in entries:
-                if not keys:
-                    yield Item(self._decode_value_alone(key_data, value_data))
-                    continue
-                key = decode_stored_key(key_data, self._label)
-                if values:
-                    yield Item((key, decode_value(value_data, key, self._label)))
-                else:
-                    yield Item(key)
+            entries, done = page
             if done or not entries:
+                yield Items(decode_page(entries, self._label))
                 return
-            after_seq = entries[-1][0]
-
-    def _decode_value_alone(self, key_data: bytes, value_data: bytes) -> Any:
-        """Decode a value for ``values()``, where a key that cannot be unpickled here must not fail."""
-        try:
-            key = decode_stored_key(key_data, self._label)
-        except DeserializationError:
-            key = _UNREADABLE_KEY  # only used to name the key if the value fails too
-        return decode_value(value_data, key, self._label)
+            next_page = Request(protocol.SCAN, object_id, entries[-1][0], PAGE_SIZE, True, values)
+            try:
+                page = yield Items(decode_page(entries, self._label), prefetch=next_page)
+            except NotFoundError:
+                raise NotFoundError(self._deleted_message()) from None
 
     @iteration
     def keys(self) -> Generator[Any, Any, None]:
         """Yield the keys in insertion order; reading keys does not count as activity."""
-        yield from self._scan(keys=True, values=False)
+        yield from self._scan(decode_keys, values=False)
 
     @iteration
     def values(self) -> Generator[Any, Any, None]:
         """Yield the values in insertion order."""
-        yield from self._scan(keys=False, values=True)
+        yield from self._scan(decode_values, values=True)
 
     @iteration
     def items(self) -> Generator[Any, Any, None]:
         """Yield (key, value) pairs in insertion order."""
-        yield from self._scan(keys=True, values=True)
+        yield from self._scan(decode_items, values=True)
 
     __iter__ = keys
 

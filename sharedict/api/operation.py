@@ -2,9 +2,10 @@
 
 An operation is a generator function. It yields a ``Request`` whenever it needs the
 daemon and receives the result (or has the error thrown in); an iterating operation also
-yields ``Item`` objects, which become the items its caller sees. The blocking driver
-sends requests through a ``Client``'s blocking pool, the async driver through the event
-loop's connection, and neither knows what the operation does.
+yields ``Items``, a batch of the items that its caller iterates over, with the read to
+send meanwhile.
+The blocking driver sends requests through a ``Client``'s blocking pool, the async driver
+through the event loop's connection, and neither knows what the operation does.
 
     class Dict:
         @operation
@@ -23,26 +24,39 @@ the time of its requests. Each operation warns about it once per process with an
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import warnings
 from asyncio import _get_running_loop  # unlike get_running_loop(), returns None outside a loop
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
 from typing import Any
 
 from sharedict.api.aio import call_async
+from sharedict.api.async_call import AsyncCall
 from sharedict.api.errors import AsyncUsageWarning
-from sharedict.api.transport import Client, Request
+from sharedict.api.transport import Client, PendingRead, Request
 
 OperationBody = Generator[Any, Any, Any]
 
+_NO_ITEM = object()
 
-class Item:
-    """An item that an iterating operation hands to its caller."""
 
-    __slots__ = ("value",)
+class Items:
+    """A batch of items that an iterating operation hands to its caller.
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
+    ``items`` is an iterable, read lazily, so an item that fails to decode raises when
+    the caller reaches it. ``prefetch`` is a read that the driver sends before it hands
+    out the items, so that the daemon works on it while the caller works through them.
+    After the last item the operation receives the result of ``prefetch``, or has its
+    error thrown in, or receives None when there is no ``prefetch``. At most one read is
+    sent ahead at a time, so an operation that reads pages holds at most two of them.
+    """
+
+    __slots__ = ("items", "prefetch")
+
+    def __init__(self, items: Iterable[Any], prefetch: Request | None = None) -> None:
+        self.items = items
+        self.prefetch = prefetch
 
 
 # Names of the operations that have warned about a blocking call inside an event loop.
@@ -88,15 +102,28 @@ def run_blocking(body: OperationBody, client: Client) -> Any:
 
 def iterate_blocking(body: OperationBody, client: Client) -> Iterator[Any]:
     """Drive an iterating operation, yielding its items; closing this closes the operation."""
+    prefetch: PendingRead | None = None
     try:
         step = body.send(None)
         while True:
-            if type(step) is Item:
-                yield step.value
+            if type(step) is not Items:
+                try:
+                    result = client.call(step)
+                except BaseException as exc:
+                    step = body.throw(exc)
+                else:
+                    step = body.send(result)
+                continue
+
+            if step.prefetch is not None:
+                prefetch = client.start(step.prefetch)
+            yield from step.items
+            if prefetch is None:
                 step = body.send(None)
                 continue
+            pending, prefetch = prefetch, None
             try:
-                result = client.call(step)
+                result = pending.result()
             except BaseException as exc:
                 step = body.throw(exc)
             else:
@@ -104,23 +131,29 @@ def iterate_blocking(body: OperationBody, client: Client) -> Iterator[Any]:
     except StopIteration:
         return
     finally:
+        if prefetch is not None:
+            # The caller stopped early, or an item failed: the read sent ahead is not needed.
+            prefetch.cancel()
         body.close()
 
 
 class AsyncItems:
     """The async iterator of an iterating operation, as ``d.items.aio()`` returns it.
 
-    It sends the operation's next request only when its items run out, so nothing is in
-    flight while the consumer works on an item. Leaving an ``async for`` early therefore
-    needs no clean-up; ``aclose()`` ends the iteration at once.
+    The read that a batch of items sends ahead runs as a task of the event loop, so it
+    goes out once the consumer awaits something. Leaving an ``async for`` early cancels
+    that task when the iterator is freed, and ``aclose()`` cancels it and ends the
+    iteration at once; the reply is dropped when it arrives.
     """
 
-    __slots__ = ("_body", "_client", "_running")
+    __slots__ = ("_body", "_client", "_running", "_items", "_prefetch")
 
     def __init__(self, body: OperationBody, client: Client) -> None:
         self._body: OperationBody | None = body
         self._client = client
         self._running = False
+        self._items: Iterator[Any] | None = None
+        self._prefetch: asyncio.Task[Any] | None = None
 
     def __aiter__(self) -> AsyncItems:
         return self
@@ -134,29 +167,69 @@ class AsyncItems:
 
         self._running = True
         try:
-            step = body.send(None)
-            while type(step) is not Item:
-                try:
-                    result = await call_async(self._client, step)
-                except BaseException as exc:
-                    step = body.throw(exc)
+            while True:
+                if self._items is not None:
+                    item = next(self._items, _NO_ITEM)
+                    if item is not _NO_ITEM:
+                        return item
+                    self._items = None
+                    prefetch, self._prefetch = self._prefetch, None
+                    if prefetch is None:
+                        step = body.send(None)
+                    else:
+                        try:
+                            result = await prefetch
+                        except BaseException as exc:
+                            step = body.throw(exc)
+                        else:
+                            step = body.send(result)
                 else:
-                    step = body.send(result)
+                    step = body.send(None)
+
+                while type(step) is not Items:
+                    try:
+                        result = await call_async(self._client, step)
+                    except BaseException as exc:
+                        step = body.throw(exc)
+                    else:
+                        step = body.send(result)
+                if step.prefetch is not None:
+                    self._prefetch = asyncio.get_running_loop().create_task(call_async(self._client, step.prefetch))
+                self._items = iter(step.items)
         except StopIteration:
-            self._body = None
+            self._end()
             raise StopAsyncIteration from None
         except BaseException:
-            self._body = None  # the operation has ended with this error
+            self._end()  # the operation has ended with this error
             raise
         finally:
             self._running = False
-        return step.value
+
+    def _end(self) -> None:
+        self._body = None
+        self._items = None
+        self._cancel_prefetch()
+
+    def _cancel_prefetch(self) -> None:
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is None:
+            return
+        if not prefetch.done():
+            if not prefetch.get_loop().is_closed():
+                prefetch.cancel()
+        elif not prefetch.cancelled():
+            prefetch.exception()  # retrieved, so that asyncio does not log an error that no caller awaits
 
     async def aclose(self) -> None:
         """End the iteration; later ``__anext__`` calls raise ``StopAsyncIteration``."""
         body, self._body = self._body, None
+        self._items = None
+        self._cancel_prefetch()
         if body is not None:
             body.close()
+
+    def __del__(self) -> None:
+        self._cancel_prefetch()
 
 
 class BoundOperation:
@@ -174,8 +247,21 @@ class BoundOperation:
         client = _client_of(self._instance, kwargs)
         return run_blocking(self._function(self._instance, *args, **kwargs), client)
 
-    async def aio(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the operation on the running event loop's connection and return its result."""
+    def aio(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        """Return an awaitable that runs the operation on the event loop's connection.
+
+        Inside a running event loop it is an ``AsyncCall``, which starts at once and which
+        ``asyncio.gather`` runs without a task per call. Outside one, as in
+        ``asyncio.run(d.get.aio(key))``, it is a coroutine, the only awaitable that
+        ``asyncio.run()`` takes.
+        """
+        loop = _get_running_loop()
+        if loop is None:
+            return self._run_async(*args, **kwargs)
+        client = _client_of(self._instance, kwargs)
+        return AsyncCall(loop, client, self._function(self._instance, *args, **kwargs))
+
+    async def _run_async(self, *args: Any, **kwargs: Any) -> Any:
         client = _client_of(self._instance, kwargs)
         body = self._function(self._instance, *args, **kwargs)
 

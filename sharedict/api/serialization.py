@@ -44,7 +44,7 @@ _CANONICAL_NAN = _DOUBLE.pack(math.nan)
 
 # Values of these exact types pickle the same with the standard pickler, which is several
 # times faster than cloudpickle for small objects.
-_PLAIN_VALUE_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
+PLAIN_VALUE_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
 
 MAX_KEY_DEPTH = 100
 """Most levels of tuples and frozensets nested inside one another in a key.
@@ -122,6 +122,8 @@ def encode_key(key: Any) -> tuple[bytes, bytes | None]:
 
 def decode_key(data: bytes) -> Any:
     """Rebuild a key from its stored (or match) encoding."""
+    if data[:1] == TAG_STR:  # the common case, first
+        return data[1:].decode("utf-8", "surrogatepass")
     key, end = _decode(memoryview(data), 0)
     if end != len(data):
         raise DeserializationError(f"stored key has {len(data) - end} trailing bytes; the data directory may be damaged")
@@ -191,7 +193,7 @@ def _decode(data: memoryview, start: int) -> tuple[Any, int]:
 
 def dump_value(value: Any) -> bytes:
     """Pickle a value: with the standard pickler for plain scalars, else with cloudpickle."""
-    if type(value) in _PLAIN_VALUE_TYPES:
+    if type(value) in PLAIN_VALUE_TYPES:
         return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
     return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
 

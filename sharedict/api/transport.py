@@ -130,6 +130,10 @@ class SyncConnection:
         self._sock.settimeout(request_timeout)
 
     def request(self, request: Request) -> Any:
+        return self.receive(self.send(request), request.op)
+
+    def send(self, request: Request) -> int:
+        """Send a request and return its id; read the reply with ``receive`` before sending another."""
         self._next_id += 1
         request_id = self._next_id
         try:
@@ -148,7 +152,10 @@ class SyncConnection:
         except OSError as exc:
             self.close()
             raise _NotSent from exc
+        return request_id
 
+    def receive(self, request_id: int, op: str) -> Any:
+        """Wait for the reply to the request ``request_id`` of operation ``op`` and return its result."""
         while True:
             try:
                 for body in self._reader.frames():
@@ -163,14 +170,14 @@ class SyncConnection:
             except (protocol.MalformedFrame, protocol.FrameTooLarge) as exc:
                 self.close()
                 raise ProtocolError(
-                    f"the daemon sent an invalid reply to {request.op} ({exc}); restart it with `sharedict stop`"
+                    f"the daemon sent an invalid reply to {op} ({exc}); restart it with `sharedict stop`"
                 ) from exc
             try:
                 data = self._sock.recv(RECV_SIZE)
             except TimeoutError:
                 self.close()
                 raise DaemonUnavailableError(
-                    f"the daemon on {self.socket_path} did not answer {request.op} within "
+                    f"the daemon on {self.socket_path} did not answer {op} within "
                     f"{self._sock.gettimeout() or HANDSHAKE_TIMEOUT:g} s; it may be stopped or overloaded, "
                     "so check it with `sharedict status` and its log"
                 ) from None
@@ -244,6 +251,10 @@ class Client:
             self._checkin(conn)
             return result
         raise DaemonUnavailableError(f"the daemon on {self.settings.socket_path} closed every connection; check its log")
+
+    def start(self, request: Request) -> PendingRead:
+        """Send a read now and return its pending reply, so that the caller works meanwhile."""
+        return PendingRead(self, request)
 
     def _checkout(self) -> SyncConnection:
         if self._pid != os.getpid():
@@ -324,6 +335,73 @@ class Client:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+class PendingRead:
+    """A read sent ahead on a connection of its own, whose reply is read when it is needed.
+
+    Only reads go ahead: a read whose connection broke is sent again by ``result()``,
+    which a write must never be. Call ``result()`` or ``cancel()`` once, from the thread
+    that started the read.
+    """
+
+    __slots__ = ("_client", "_request", "_conn", "_request_id")
+
+    def __init__(self, client: Client, request: Request) -> None:
+        if request.write:
+            raise ValueError(f"{request.op} is a write; only reads can be sent ahead of their reply")
+        self._client = client
+        self._request = request
+        self._conn: SyncConnection | None = None
+        self._request_id = 0
+        try:
+            conn = client._checkout()
+        except Exception:
+            return  # result() connects again, and raises the error to the operation if it recurs
+        try:
+            self._request_id = conn.send(request)
+        except _NotSent:
+            return  # result() sends it again
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def result(self) -> Any:
+        """Wait for the reply and return its result, or raise the error that it carries."""
+        conn, self._conn = self._conn, None
+        if conn is None or conn.pid != os.getpid():
+            # The read was not sent, or it was sent by the parent of this forked process.
+            return self._client.call(self._request)
+        try:
+            result = conn.receive(self._request_id, self._request.op)
+        except _ReplyLost:
+            self._client.close()
+            return self._client.call(self._request)
+        except BaseException:
+            conn.close()
+            raise
+        self._client._checkin(conn)
+        return result
+
+    def cancel(self) -> None:
+        """Drop the reply, and keep the connection for later requests.
+
+        The reply is read and dropped rather than the connection closed: the daemon
+        deletes a process's ephemeral dicts when its last connection closes, and this
+        one may be the last.
+        """
+        conn, self._conn = self._conn, None
+        if conn is None or conn.pid != os.getpid():
+            return
+        try:
+            conn.receive(self._request_id, self._request.op)
+        except Exception:
+            pass  # the result is not needed, and a connection that broke has closed itself
+        except BaseException:
+            conn.close()  # a half-read reply would confuse the next request
+            raise
+        self._client._checkin(conn)
 
 
 def _reset_default_after_fork() -> None:

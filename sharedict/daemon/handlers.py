@@ -118,6 +118,12 @@ def _bool(op: str, what: str, value: Any) -> bool:
     return value
 
 
+def _check_update_entry(raw: list[Any]) -> None:
+    _bytes(protocol.UPDATE, "key", raw[0])
+    _bytes(protocol.UPDATE, "stored key", raw[1], optional=True)
+    _bytes(protocol.UPDATE, "value", raw[2])
+
+
 class Handlers:
     """The daemon's operations, looked up by name.
 
@@ -211,7 +217,7 @@ class Handlers:
             )
         for touch in touches:
             self.server.record_access(touch)
-        return [[[entry.seq, entry.key, entry.value] for entry in entries], done]
+        return [entries, done]  # msgpack sends each Entry tuple as [seq, key, value]
 
     def status(self, conn: Connection, args: list[Any]) -> dict[str, Any]:
         _check_arity(protocol.STATUS, args, 0)
@@ -276,19 +282,21 @@ class Handlers:
                 RequestSizeError,
                 f"update of {len(raw_entries)} entries exceeds the limit of {protocol.MAX_UPDATE_ENTRIES}",
             )
-        entries = []
         size = 0
         for raw in raw_entries:
-            if not isinstance(raw, list) or len(raw) != 3:
+            if type(raw) is not list or len(raw) != 3:
                 raise RequestError(ProtocolError, "update: each entry must be [key, stored key, value]")
-            key = _bytes(protocol.UPDATE, "key", raw[0])
-            stored_key = _bytes(protocol.UPDATE, "stored key", raw[1], optional=True)
-            value = _bytes(protocol.UPDATE, "value", raw[2])
-            entries.append((key, stored_key, value))
-            size += len(key) + len(value) + len(stored_key or b"")
+            key, stored_key, value = raw
+            if type(key) is not bytes or type(value) is not bytes or not (stored_key is None or type(stored_key) is bytes):
+                _check_update_entry(raw)  # raises, naming the part at fault
+            size += len(key) + len(value) + (len(stored_key) if stored_key is not None else 0)
+        # No key or value can exceed its limit while all of them together stay within it.
+        if size > protocol.MAX_OBJECT_SIZE:
+            for raw in raw_entries:
+                _check_update_entry(raw)
 
         def write(txn: Any) -> None:
-            self.store.update(txn, object_id, entries)
+            self.store.update(txn, object_id, raw_entries)
 
         return write, size
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import lmdb
 import msgpack
@@ -69,9 +70,11 @@ class DictRecord:
         return cls(object_id, name, env, created_at, created_by, data_id, owner_pid)
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One entry yielded by ``Store.scan``: its position, its stored key and its value."""
+class Entry(NamedTuple):
+    """One entry returned by ``Store.scan``: its position, its stored key and its value.
+
+    A tuple, because a scan makes one per entry and the daemon sends them as they are.
+    """
 
     seq: int
     key: bytes | None

@@ -26,6 +26,8 @@ from sharedict.engine.gate import ResizeGate
 from sharedict.engine.layout import (
     FORMAT_VERSION,
     HASHED,
+    INLINE,
+    INLINE_KEY_LIMIT,
     MAX_SEQ,
     STATS,
     U64,
@@ -358,7 +360,10 @@ class Store:
         if after_seq >= MAX_SEQ:
             return entries, touched, True  # no sequence number comes after the largest one
 
-        with txn.cursor(db=self._order) as cursor:
+        # Both tests of the expiry policy, set up once per page.
+        cutoff_ms = self.expiry.cutoff_ms(now_ms)
+        is_recording_due = self.expiry.is_recording_due
+        with txn.cursor(db=self._order) as cursor, txn.cursor(db=self._index) as index:
             if not cursor.set_range(data_id + U64.pack(after_seq + 1)):
                 return entries, touched, True
             for order_key, order_value in cursor:
@@ -367,21 +372,23 @@ class Store:
                 if len(entries) >= limit or size >= max_bytes:
                     return entries, touched, False
 
-                seq = U64.unpack_from(order_key, 8)[0]
                 access_ms, ref, stored_key = unpack_order(order_value)
-                if self.expiry.is_expired(access_ms, now_ms):
-                    continue
+                if access_ms < cutoff_ms:
+                    continue  # expired, as ExpiryPolicy.is_expired() defines it
+                seq = U64.unpack_from(order_key, 8)[0]
 
                 value = None
                 if values:
-                    index_value = txn.get(data_id + ref, db=self._index)
-                    value = index_value[8:]
+                    # A cursor get costs less than a transaction get with its db argument.
+                    value = index.get(data_id + ref)[8:]
                     size += len(value)
-                    if self.expiry.is_recording_due(access_ms, now_ms):
+                    if is_recording_due(access_ms, now_ms):
                         touched.append(Touch(data_id + ref, seq, now_ms))
-                key = stored_key if keys else None
-                size += len(stored_key) if keys else 0
-                entries.append(Entry(seq, key, value))
+                if keys:
+                    size += len(stored_key)
+                else:
+                    stored_key = None
+                entries.append(Entry(seq, stored_key, value))
         return entries, touched, True
 
     # Entries: writes. Each runs in the writer's transaction.
@@ -406,11 +413,50 @@ class Store:
         object_id: bytes,
         entries: list[tuple[bytes, bytes | None, bytes]],
     ) -> None:
-        """Insert or overwrite many entries; the caller's transaction makes it all or nothing."""
+        """Insert or overwrite many entries; the caller's transaction makes it all or nothing.
+
+        New keys take consecutive sequence numbers, so their records go through cursors
+        that stay on the last pages of the dict, and the dict's stats are read and written
+        once, not once per entry. A key that is present goes through ``_put``, as the key
+        of a single put does.
+        """
         record = self._load_dict(txn, object_id)
+        data_id = record.data_id
         now_ms = self.expiry.now_ms()
-        for match_key, stored_key, value in entries:
-            self._put(txn, record.data_id, match_key, stored_key, value, False, now_ms)
+        access_prefix = data_id + U64.pack(now_ms)
+        count, next_seq = STATS.unpack(txn.get(data_id, db=self._stats))
+        saved_seq = next_seq
+
+        with (
+            txn.cursor(db=self._index) as index,
+            txn.cursor(db=self._order) as order,
+            txn.cursor(db=self._access) as access,
+        ):
+            for match_key, stored_key, value in entries:
+                ref = INLINE + match_key if len(match_key) <= INLINE_KEY_LIMIT else key_ref(match_key)
+                seq_bytes = U64.pack(next_seq)
+                # Most keys of an update are new, so the insertion itself finds out
+                # whether the key is present. The flags (dupdata=False, overwrite=False)
+                # are positional because py-lmdb parses keyword arguments slowly.
+                if not index.put(data_id + ref, seq_bytes + value, False, False):
+                    # The key is present, or has expired but is not swept yet. _put reads
+                    # the stats and may change them, so they are saved before and read after.
+                    if next_seq != saved_seq:
+                        txn.put(data_id, STATS.pack(count, next_seq), db=self._stats)
+                    self._put(txn, data_id, match_key, stored_key, value, False, now_ms)
+                    count, next_seq = STATS.unpack(txn.get(data_id, db=self._stats))
+                    saved_seq = next_seq
+                    continue
+
+                if stored_key is None and ref[:1] == HASHED:
+                    stored_key = match_key
+                order.put(data_id + seq_bytes, pack_order(now_ms, ref, stored_key))
+                access.put(access_prefix + seq_bytes, b"")
+                count += 1
+                next_seq += 1
+
+        if next_seq != saved_seq:
+            txn.put(data_id, STATS.pack(count, next_seq), db=self._stats)
 
     def pop(self, txn: lmdb.Transaction, object_id: bytes, match_key: bytes) -> bytes:
         """Remove an entry and return its value; ``EntryNotFound`` when missing."""
