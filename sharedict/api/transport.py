@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Any
 
+import msgpack
+
 from sharedict.api import protocol
 from sharedict.api.autostart import no_daemon_error, start_daemon
 from sharedict.api.config import Settings, check_socket_path
@@ -116,6 +118,9 @@ class SyncConnection:
             self._sock.close()
             raise
         self._reader = protocol.FrameReader()
+        # A connection serves one thread at a time, so it can keep a packer, which costs
+        # less than msgpack.packb() setting one up for every request.
+        self._packer = msgpack.Packer(use_bin_type=True)
         self._next_id = 0
         self.closed = False
         try:
@@ -136,19 +141,19 @@ class SyncConnection:
         """Send a request and return its id; read the reply with ``receive`` before sending another."""
         self._next_id += 1
         request_id = self._next_id
-        try:
-            frame = protocol.encode_frame([request_id, request.op, *request.args])
-        except protocol.FrameTooLarge as exc:
+        body = self._packer.pack([request_id, request.op, *request.args])
+        if len(body) > protocol.MAX_FRAME_SIZE:
             raise RequestSizeError(
-                f"{request.op} request of {exc.size} bytes exceeds the {protocol.MAX_FRAME_SIZE // protocol.MiB} MiB "
+                f"{request.op} request of {len(body)} bytes exceeds the {protocol.MAX_FRAME_SIZE // protocol.MiB} MiB "
                 "limit of one request; store large objects in files and keep their paths in the dict"
-            ) from None
+            )
+        header = protocol.HEADER.pack(len(body))
         try:
-            if len(frame[1]) < 65536:
-                self._sock.sendall(frame[0] + frame[1])
+            if len(body) < 65536:
+                self._sock.sendall(header + body)
             else:
-                self._sock.sendall(frame[0])
-                self._sock.sendall(frame[1])
+                self._sock.sendall(header)
+                self._sock.sendall(body)
         except OSError as exc:
             self.close()
             raise _NotSent from exc
