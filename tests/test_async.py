@@ -7,6 +7,7 @@ so each test also checks that connections open and close with their loops.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import os
 import random
@@ -442,6 +443,85 @@ def test_cancelled_put_then_get_reads_its_own_reply(kv: Dict) -> None:
     stored = dict(kv.items())
     for i in range(200):
         assert stored.get(f"p-{i}", i) == i, f"cancelled put of p-{i} stored {stored[f'p-{i}']!r}"
+
+
+# The awaitable that .aio() returns inside a running loop.
+
+_CALLER_VALUE: contextvars.ContextVar[str] = contextvars.ContextVar("caller_value", default="unset")
+
+
+def _read_caller_value() -> str:
+    return _CALLER_VALUE.get()
+
+
+class ReadsContextWhenLoaded:
+    """A value that unpickles as the caller's value of ``_CALLER_VALUE``."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _read_caller_value, ()
+
+
+AWAITING_FORMS: dict[str, Callable[[Any], Any]] = {
+    "await": lambda call: call,
+    "gather": lambda call: asyncio.gather(call),
+    "create_task": lambda call: asyncio.create_task(call),
+    "ensure_future": lambda call: asyncio.ensure_future(call),
+    "wait_for": lambda call: asyncio.wait_for(call, timeout=WAIT_TIMEOUT),
+    "shield": lambda call: asyncio.shield(call),
+}
+
+
+@pytest.mark.parametrize("form", AWAITING_FORMS)
+def test_aio_call_in_every_awaiting_form(kv: Dict, form: str) -> None:
+    kv["k"] = "v"
+
+    async def main() -> Any:
+        return await AWAITING_FORMS[form](kv.get.aio("k"))
+
+    result = asyncio.run(main())
+    expected = ["v"] if form == "gather" else "v"
+    assert result == expected
+
+
+def test_aio_call_runs_without_await(kv: Dict) -> None:
+    async def main() -> None:
+        kv.put.aio("unawaited", 1)
+        # The daemon applies one connection's requests in order.
+        await kv.put.aio("barrier", True)
+
+    asyncio.run(main())
+    assert kv.get("unawaited") == 1
+
+
+def test_aio_call_runs_in_callers_context(kv: Dict) -> None:
+    kv["k"] = ReadsContextWhenLoaded()
+
+    async def read_as(name: str) -> list[Any]:
+        _CALLER_VALUE.set(name)
+        return await asyncio.gather(kv.get.aio("k"), kv.get.aio("k"))
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(read_as("first"), read_as("second"))
+
+    assert asyncio.run(main()) == [["first", "first"], ["second", "second"]]
+
+
+def test_aio_call_pending_at_loop_end_is_cancelled(kv: Dict, caplog: pytest.LogCaptureFixture) -> None:
+    kv["k"] = "v"
+    calls = []
+
+    async def main() -> None:
+        await kv.get.aio("k")  # opens the connection
+        # Started, but never awaited to its end: the loop ends while it is in flight.
+        calls.append(asyncio.ensure_future(kv.get.aio("k")))
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        asyncio.run(main())
+        gc.collect()
+
+    assert calls[0].done()
+    assert calls[0].cancelled()
+    assert [record.getMessage() for record in caplog.records] == []
 
 
 # Event loops and threads.

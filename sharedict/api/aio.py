@@ -1,13 +1,14 @@
 """The async transport: one connection per event loop, many requests in flight on it.
 
 Guarantees:
-    * Each request carries an id, and the reply with that id resolves that request's
-      future, so replies that arrive in any order never cross.
+    * Each request carries an id, and the reply with that id goes to the receiver that
+      sent the request, so replies that arrive in any order never cross.
     * Requests made in one pass of the event loop are written to the socket together,
-      at the end of the pass or as soon as ``FLUSH_SIZE`` bytes of them wait. Every
-      complete reply in what the socket returns is handled in one pass.
-    * Cancellation is safe. A cancelled call forgets its future; its request still goes
-      out if it was queued, and its reply is dropped when it arrives. So an operation
+      at the end of the pass, or earlier once ``FLUSH_SIZE`` bytes of them wait and the
+      next request comes. Every complete reply in what the socket returns is handled in
+      one pass.
+    * Cancellation is safe. A cancelled call forgets its request id; its request still
+      goes out if it was queued, and its reply is dropped when it arrives. So an operation
       that catches the cancellation can queue a follow-up request (as ``Lock.acquire``
       queues its withdrawal) before anything can interrupt it again. The daemon applies
       each request whole, so a cancelled write happened completely or not at all.
@@ -33,42 +34,88 @@ import socket
 import threading
 import weakref
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
 from sharedict.api import protocol
 from sharedict.api.autostart import no_daemon_error, start_daemon
-from sharedict.api.errors import ConnectionLostError, DaemonUnavailableError, ProtocolError
-from sharedict.api.transport import Client, Request, check_daemon_user, reply_result
+from sharedict.api.errors import ConnectionLostError, DaemonUnavailableError, ProtocolError, error_from_code
+from sharedict.api.transport import Client, Request, check_daemon_user
 
 logger = logging.getLogger(__name__)
 
 _NO_DAEMON_ERRORS = (errno.ENOENT, errno.ECONNREFUSED)
 # A request goes out at most this many times: a restarted daemon costs one attempt.
-_ATTEMPTS = 3
+ATTEMPTS = 3
 _HEADER = protocol.HEADER
-# Queued requests are written at once when they reach this many bytes, so that the daemon
-# starts on them while the loop is still running the tasks that make more.
+_unpackb = msgpack.unpackb
+# Queued requests are written early once they reach this many bytes, so that the daemon
+# starts on them while the loop is still running the callbacks that make more.
 # NOTE: the gain of this overlap on two cores is expected, not measured: the shared test
 # machine was too busy to tell it from noise.
 FLUSH_SIZE = 64 << 10
 
 
-class _NotSent(Exception):
+class NotSent(Exception):
     """The request never left this process: it is safe to send it again."""
 
 
-class _ReplyLost(Exception):
+class ReplyLost(Exception):
     """The connection broke after the request was written."""
+
+
+class ReplyReceiver(Protocol):
+    """The sender of a request, to which the connection hands the reply.
+
+    The connection calls exactly one of the two methods, once, from the loop's thread,
+    unless the sender has forgotten the request first. Neither may raise.
+    """
+
+    def reply_received(self, status: int, result: Any) -> None:
+        """Take the reply: ``result`` is the result, or the error message when ``status`` is not 0."""
+
+    def connection_broke(self, error: BaseException) -> None:
+        """Take the failure of a broken or closed connection.
+
+        ``error`` is ``NotSent``, ``ReplyLost``, ``ProtocolError``, the daemon's rejection of
+        the connection, or ``CancelledError`` when the connection was closed on purpose.
+        """
+
+
+class _ReplyFuture(asyncio.Future):  # type: ignore[type-arg]
+    """The future of one reply, for a caller that awaits one request on its own."""
+
+    def reply_received(self, status: int, result: Any) -> None:
+        if self.done():
+            return  # the caller was cancelled
+        if status == protocol.STATUS_OK:
+            self.set_result(result)
+        else:
+            self.set_exception(error_from_code(status, result))
+
+    def connection_broke(self, error: BaseException) -> None:
+        if self.done():
+            return
+        if isinstance(error, asyncio.CancelledError):
+            self.cancel()
+        else:
+            self.set_exception(error)
+
+
+def lost_write_error(request: Request) -> ConnectionLostError:
+    return ConnectionLostError(
+        f"the connection to the daemon broke after {request.op} was sent; the write may or may "
+        "not have been applied, so read the entry to find out"
+    )
 
 
 class AsyncConnection(asyncio.Protocol):
     """A connection of one event loop that carries many requests at once.
 
-    Only the loop's thread may use it. ``send()`` queues a request and returns the
-    future of its reply. The queued requests are written together once the loop has run
-    the tasks that are ready, or earlier once they fill ``FLUSH_SIZE``.
+    Only the loop's thread may use it. ``send()`` queues a request and hands its reply
+    to a ``ReplyReceiver`` later. The queued requests are written together once the loop
+    has run the callbacks that are ready, or earlier once they fill ``FLUSH_SIZE``.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
@@ -77,10 +124,13 @@ class AsyncConnection(asyncio.Protocol):
         self.server_info: dict[str, Any] = {}
         self._sock = sock
         self._transport: asyncio.Transport | None = None
-        self._pending: dict[int, asyncio.Future[Any]] = {}
-        # Frames not yet written, by request id, in the order of their requests.
-        self._unsent: dict[int, bytes] = {}
+        self._pending: dict[int, ReplyReceiver] = {}
+        # Frames not yet written, in the order of their request ids. Ids grow by one per
+        # request and every write takes all the queued frames, so the requests not yet
+        # written are exactly those from ``_first_unsent_id`` on.
+        self._unsent: list[bytes] = []
         self._unsent_size = 0
+        self._first_unsent_id = 1
         self._flush_scheduled = False
         self._received = bytearray()
         self._next_id = 0
@@ -90,37 +140,45 @@ class AsyncConnection(asyncio.Protocol):
     @property
     def in_flight(self) -> int:
         """The number of requests written to the socket whose reply has not arrived."""
-        return sum(1 for request_id in self._pending if request_id not in self._unsent)
+        first_unsent_id = self._first_unsent_id
+        return sum(1 for request_id in self._pending if request_id < first_unsent_id)
 
     # Requests.
 
-    def send(self, request: Request) -> tuple[int, asyncio.Future[Any]]:
-        """Queue a request and return its id and the future of its reply.
+    def send(self, request: Request, receiver: ReplyReceiver) -> int:
+        """Queue a request whose reply goes to ``receiver``, and return its id.
 
-        Raises ``_NotSent`` when the connection is closed or closing.
+        Raises ``NotSent`` when the connection is closed. A connection that is closing
+        without knowing it yet hands ``NotSent`` to the receiver when it writes the
+        request. The receiver is never called before this returns.
         """
-        if self.closed or self._transport is None or self._transport.is_closing():
-            self.closed = True
-            raise _NotSent
-        self._next_id += 1
-        request_id = self._next_id
-        body = self._packer.pack([request_id, request.op, *request.args])
-        if len(body) > protocol.MAX_FRAME_SIZE:
-            raise protocol.FrameTooLarge(len(body))
-
-        future = self.loop.create_future()
-        self._pending[request_id] = future
-        self._unsent[request_id] = _HEADER.pack(len(body)) + body
-        self._unsent_size += _HEADER.size + len(body)
         if self._unsent_size >= FLUSH_SIZE:
+            # Writing here, before the request joins the queue, means that a write that
+            # finds the socket broken fails the requests before it only, and never calls
+            # a receiver back while it is still sending.
             self._flush()
-        elif not self._flush_scheduled:
+        if self.closed:
+            raise NotSent
+        request_id = self._next_id + 1
+        body = self._packer.pack([request_id, request.op, *request.args])
+        size = len(body)
+        if size > protocol.MAX_FRAME_SIZE:
+            raise protocol.FrameTooLarge(size)
+
+        self._next_id = request_id
+        self._pending[request_id] = receiver
+        self._unsent.append(_HEADER.pack(size) + body)
+        self._unsent_size += _HEADER.size + size
+        if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._scheduled_flush)
-        return request_id, future
+        return request_id
 
     def forget(self, request_id: int) -> None:
-        """Forget a cancelled request, so that its reply is dropped when it arrives."""
+        """Forget a cancelled request, so that its reply is dropped when it arrives.
+
+        Its receiver is not called any more, not even when the connection breaks.
+        """
         self._pending.pop(request_id, None)
 
     def _scheduled_flush(self) -> None:
@@ -136,9 +194,10 @@ class AsyncConnection(asyncio.Protocol):
             return
 
         buffered_before = transport.get_write_buffer_size()
-        unsent, self._unsent = self._unsent, {}
+        unsent, self._unsent = self._unsent, []
+        first_unsent_id, self._first_unsent_id = self._first_unsent_id, self._next_id + 1
         self._unsent_size = 0
-        transport.write(b"".join(unsent.values()))
+        transport.write(b"".join(unsent))
         if transport.is_closing() and not buffered_before:
             # write() found the socket broken at its first send, typically because the
             # daemon closed it while this connection sat idle: nothing of these frames
@@ -147,56 +206,71 @@ class AsyncConnection(asyncio.Protocol):
             # at once when their buffer is empty. A transport that defers every send
             # makes this case look like a lost reply, so a write raises
             # ConnectionLostError instead of going out again on a new connection.
-            self._unsent = unsent
+            self._first_unsent_id = first_unsent_id
             self._fail_unsent()
 
     def _fail_unsent(self) -> None:
         self.closed = True
-        unsent, self._unsent = self._unsent, {}
+        pending = self._pending
+        unsent = [pending.pop(request_id, None) for request_id in range(self._first_unsent_id, self._next_id + 1)]
+        self._unsent = []
         self._unsent_size = 0
-        for request_id in unsent:
-            future = self._pending.pop(request_id, None)
-            if future is not None and not future.done():
-                future.set_exception(_NotSent())
+        self._first_unsent_id = self._next_id + 1
+        for receiver in unsent:
+            if receiver is not None:
+                receiver.connection_broke(NotSent())
 
     # Replies.
 
     def data_received(self, data: bytes) -> None:
-        received = self._received
-        received += data
-        start = 0
+        # The usual read contains whole replies only, and is parsed where it lies. Only the
+        # start of a reply cut off at its end is kept, to be completed by the next read.
+        if self._received:
+            self._received += data
+            data, self._received = self._received, bytearray()
         try:
-            with memoryview(received) as view:
-                while len(received) - start >= _HEADER.size:
-                    (size,) = _HEADER.unpack_from(received, start)
-                    if size > protocol.MAX_FRAME_SIZE:
-                        raise protocol.FrameTooLarge(size)
-                    end = start + _HEADER.size + size
-                    if end > len(received):
-                        break
-                    self._resolve(protocol.decode_body(view[start + _HEADER.size : end]))
-                    start = end
+            end = self._resolve_replies(data)
         except (protocol.FrameTooLarge, protocol.MalformedFrame) as exc:
             message = f"the daemon sent an invalid reply ({exc}); restart it with `sharedict stop`"
             self._fail(lambda: ProtocolError(message))
             return
-        if start == len(received):
-            # A new buffer gives back the memory that a large reply took.
-            self._received = bytearray()
-        else:
-            del received[:start]
+        if end < len(data):
+            self._received += memoryview(data)[end:]
 
-    def _resolve(self, reply: Any) -> None:
-        if type(reply) is not list or not reply:
-            raise protocol.MalformedFrame("a reply must be an array of [request id, status, result]")
-        future = self._pending.pop(reply[0], None)
-        if future is not None:
-            if not future.done():
-                future.set_result(reply)
-        elif reply[0] == 0:
-            # The daemon rejected the connection as a whole and is closing it.
-            self._fail(lambda: _rejection(reply))
-        # Any other reply belongs to a cancelled call, and is dropped.
+    def _resolve_replies(self, data: bytes | bytearray) -> int:
+        """Hand each complete reply in ``data`` to its receiver; return where the rest starts."""
+        pending = self._pending
+        size_limit = protocol.MAX_FRAME_SIZE
+        header_size = _HEADER.size
+        unpack_header = _HEADER.unpack_from
+        length = len(data)
+        start = 0
+        with memoryview(data) as view:
+            while length - start >= header_size:
+                (size,) = unpack_header(data, start)
+                if size > size_limit:
+                    raise protocol.FrameTooLarge(size)
+                end = start + header_size + size
+                if end > length:
+                    break
+                try:
+                    reply = _unpackb(view[start + header_size : end], raw=False, strict_map_key=True)
+                except Exception as exc:  # msgpack raises several unrelated exception types
+                    raise protocol.MalformedFrame(f"frame is not valid msgpack: {exc}") from exc
+                start = end
+
+                if type(reply) is not list or len(reply) != 3:
+                    raise protocol.MalformedFrame("a reply must be an array of [request id, status, result]")
+                request_id, status, result = reply
+                receiver = pending.pop(request_id, None)
+                if receiver is not None:
+                    receiver.reply_received(status, result)
+                elif request_id == 0:
+                    # The daemon rejected the connection as a whole and is closing it.
+                    self._fail(lambda: error_from_code(status, result))
+                    return start
+                # Any other reply belongs to a forgotten request, and is dropped.
+        return start
 
     # Closing.
 
@@ -204,34 +278,39 @@ class AsyncConnection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(_ReplyLost)
+        self._fail(ReplyLost)
 
     def _fail(self, error: Any) -> None:
-        """Close, and fail every request: unsent ones with ``_NotSent``, sent ones with ``error()``."""
+        """Close, and fail every request: unsent ones with ``NotSent``, sent ones with ``error()``."""
         self._fail_unsent()
         if self._transport is not None:
             self._transport.close()
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(error())
+        # Emptied in place: a reply still being handed out from the same read must find
+        # its receiver gone, since the receiver has taken the failure instead.
+        receivers = list(self._pending.values())
+        self._pending.clear()
+        for receiver in receivers:
+            receiver.connection_broke(error())
 
     def close(self) -> None:
-        """Close the connection; requests still in flight fail as if it broke."""
+        """Close the connection, and cancel the requests still in flight.
+
+        The connection closes when its loop shuts down, or fails to open, so nothing
+        waits for those requests any more: a request sent again now would only leave a
+        task pending on a closing loop.
+        """
         self.closed = True
+        receivers = list(self._pending.values())
+        self._pending.clear()
         if self._transport is None or self.loop.is_closed():
             # No transport runs the socket, or none can any more because its loop is
             # closed, so the socket is closed here to release the daemon's side.
             self._sock.close()
         else:
             self._transport.close()
-
-
-def _rejection(reply: list[Any]) -> Exception:
-    try:
-        return reply_result(reply, 0)
-    except Exception as exc:  # reply_result raises the error that the reply carries
-        return exc
+        if not self.loop.is_closed():
+            for receiver in receivers:
+                receiver.connection_broke(asyncio.CancelledError())
 
 
 # Connections by client and event loop. A client's map lives in
@@ -337,10 +416,11 @@ async def _connect(loop: asyncio.AbstractEventLoop, socket_path: str) -> AsyncCo
         await loop.sock_connect(sock, socket_path)
         check_daemon_user(sock, socket_path)
         await loop.create_unix_connection(lambda: conn, sock=sock)
-        request_id, future = conn.send(Request(protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid()))
+        future = _ReplyFuture(loop=loop)
+        conn.send(Request(protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid()), future)
         try:
-            conn.server_info = reply_result(await future, request_id)
-        except (_NotSent, _ReplyLost):
+            conn.server_info = await future
+        except (NotSent, ReplyLost):
             raise ConnectionResetError(errno.ECONNRESET, "the daemon closed the connection at once") from None
         conn._closer = _close_at_loop_shutdown(conn)
         await conn._closer.__anext__()
@@ -360,34 +440,39 @@ async def _close_at_loop_shutdown(conn: AsyncConnection) -> AsyncGenerator[None,
         conn.close()
 
 
-async def call_async(client: Client, request: Request) -> Any:
-    """Send a request on the running loop's connection and return its result."""
-    loop = asyncio.get_running_loop()
-    for _ in range(_ATTEMPTS):
-        connections = client._async_connections
-        conn = connections.get(loop) if connections is not None else None
-        if type(conn) is not AsyncConnection or conn.closed:
-            conn = await _connection(client, loop)
+def open_connection(client: Client, loop: asyncio.AbstractEventLoop) -> AsyncConnection | None:
+    """Return the loop's connection if it is open; None when it must be opened first."""
+    connections = client._async_connections
+    conn = connections.get(loop) if connections is not None else None
+    if type(conn) is AsyncConnection and not conn.closed:
+        return conn
+    return None
 
+
+async def call_async(client: Client, request: Request, attempts: int = ATTEMPTS) -> Any:
+    """Send a request on the running loop's connection and return its result.
+
+    ``attempts`` bounds how many times the request goes out.
+    """
+    loop = asyncio.get_running_loop()
+    for _ in range(attempts):
+        conn = open_connection(client, loop) or await _connection(client, loop)
+        future = _ReplyFuture(loop=loop)
         try:
-            request_id, future = conn.send(request)
-        except _NotSent:
+            request_id = conn.send(request, future)
+        except NotSent:
             continue
         try:
-            reply = await future
-        except _NotSent:
+            return await future
+        except NotSent:
             continue
-        except _ReplyLost:
+        except ReplyLost:
             if request.write:
-                raise ConnectionLostError(
-                    f"the connection to the daemon broke after {request.op} was sent; the write may or may "
-                    "not have been applied, so read the entry to find out"
-                ) from None
+                raise lost_write_error(request) from None
             continue
-        except BaseException:
-            conn.forget(request_id)  # cancelled
+        except asyncio.CancelledError:
+            conn.forget(request_id)
             raise
-        return reply_result(reply, request_id)
     raise DaemonUnavailableError(f"the daemon on {client.settings.socket_path} closed every connection; check its log")
 
 
