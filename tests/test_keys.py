@@ -13,6 +13,8 @@ import uuid
 import pytest
 
 from sharedict import Dict
+from sharedict.api.codec import encode_update
+from sharedict.api.serialization import dump_value, encode_key
 
 MISSING = object()
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -284,6 +286,18 @@ def test_float_keys_equal_to_ints(daemon):
     d[2**53] = "int"
     assert d[float(2**53)] == "int"
     assert d.get(2**53 + 1) is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("plain", "text"), ("", b""), ("caf\u00e9 \u2603", 1.5), ("\ud800", None), ("k", True), ("big", 10**30)],
+)
+def test_update_encodes_as_put_does(key, value):
+    # update() builds the bytes of str keys and plain values itself, to save two calls per entry.
+    entries = encode_update([(key, value)], "dict 'd'")
+
+    assert entries == [(encode_key(key)[0], None, dump_value(value))]
+    assert encode_key(key)[1] is None
 
 
 # None as a value versus a missing key.

@@ -7,6 +7,7 @@ Messages name the dict and say whether the key or the value was at fault.
 from __future__ import annotations
 
 import contextvars
+import pickle
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,9 @@ from typing import Any
 from sharedict.api import protocol
 from sharedict.api.errors import DeserializationError, Error, InvalidError, RequestSizeError, SerializationError
 from sharedict.api.serialization import (
+    PICKLE_PROTOCOL,
     PLAIN_VALUE_TYPES,
+    TAG_STR,
     KeyTooDeep,
     decode_key,
     dump_value,
@@ -144,13 +147,18 @@ def encode_update(items: list[tuple[Any, Any]], dict_label: str) -> list[tuple[b
     total = _REQUEST_OVERHEAD + _ENTRY_OVERHEAD * len(items)
     for key, value in items:
         if type(key) is str and type(value) in PLAIN_VALUE_TYPES:
-            # Neither can fail to encode, and no Dict handle can hide in them; the sizes
-            # are checked below.
-            match_key, stored_key = encode_key(key)
-            data = dump_value(value)
-        else:
-            match_key, stored_key = encode_request_key(key, dict_label)
-            data = encode_request_value(key, value, dict_label)
+            # The bytes that encode_key() and dump_value() return for these types, built
+            # here because the two calls took about a sixth of the encoding time of a
+            # large update (measured on a 2-core VM). Neither can fail, no Dict handle can
+            # hide in them, and the sizes are checked below.
+            match_key = TAG_STR + key.encode("utf-8", "surrogatepass")
+            data = pickle.dumps(value, PICKLE_PROTOCOL)
+            entries.append((match_key, None, data))
+            total += len(match_key) + len(data)
+            continue
+
+        match_key, stored_key = encode_request_key(key, dict_label)
+        data = encode_request_value(key, value, dict_label)
         entries.append((match_key, stored_key, data))
         total += len(match_key) + len(data) + (len(stored_key) if stored_key is not None else 0)
 

@@ -432,13 +432,17 @@ class Store:
             txn.cursor(db=self._order) as order,
             txn.cursor(db=self._access) as access,
         ):
+            # Bound once, because this loop runs once per entry of an update of up to
+            # 10,000 entries.
+            put_index, put_order, put_access, pack_seq = index.put, order.put, access.put, U64.pack
             for match_key, stored_key, value in entries:
-                ref = INLINE + match_key if len(match_key) <= INLINE_KEY_LIMIT else key_ref(match_key)
-                seq_bytes = U64.pack(next_seq)
+                hashed = len(match_key) > INLINE_KEY_LIMIT
+                ref = key_ref(match_key) if hashed else INLINE + match_key
+                seq_bytes = pack_seq(next_seq)
                 # Most keys of an update are new, so the insertion itself finds out
                 # whether the key is present. The flags (dupdata=False, overwrite=False)
                 # are positional because py-lmdb parses keyword arguments slowly.
-                if not index.put(data_id + ref, seq_bytes + value, False, False):
+                if not put_index(data_id + ref, seq_bytes + value, False, False):
                     # The key is present, or has expired but is not swept yet. _put reads
                     # the stats and may change them, so they are saved before and read after.
                     if next_seq != saved_seq:
@@ -448,10 +452,10 @@ class Store:
                     saved_seq = next_seq
                     continue
 
-                if stored_key is None and ref[:1] == HASHED:
-                    stored_key = match_key
-                order.put(data_id + seq_bytes, pack_order(now_ms, ref, stored_key))
-                access.put(access_prefix + seq_bytes, b"")
+                if hashed and stored_key is None:
+                    stored_key = match_key  # the digest in the ref cannot give the key back
+                put_order(data_id + seq_bytes, pack_order(now_ms, ref, stored_key))
+                put_access(access_prefix + seq_bytes, b"")
                 count += 1
                 next_seq += 1
 
