@@ -798,6 +798,22 @@ def test_iteration_of_dict_deleted_meanwhile_raises(daemon):
         list(keys)
 
 
+def test_async_iteration_of_dict_deleted_meanwhile_raises(daemon):
+    d = fresh_dict()
+    d.update((i, i) for i in range(3 * PAGE_SIZE))
+
+    async def scenario() -> list[Any]:
+        keys = []
+        async for key in d.keys.aio():
+            if not keys:
+                await Dict.objects.delete.aio(d.name)
+            keys.append(key)
+        return keys
+
+    with pytest.raises(NotFoundError, match="was deleted"):
+        asyncio.run(scenario())
+
+
 def test_iteration_while_writing_yields_untouched_once(daemon):
     d = fresh_dict()
     d.update((f"stable-{i}", i) for i in range(PAGE_SIZE))

@@ -25,6 +25,7 @@ the time of its requests. Each operation warns about it once per process with an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import warnings
 from asyncio import _get_running_loop  # unlike get_running_loop(), returns None outside a loop
@@ -215,8 +216,16 @@ class AsyncItems:
         if prefetch is None:
             return
         if not prefetch.done():
-            if not prefetch.get_loop().is_closed():
+            loop = prefetch.get_loop()
+            if loop.is_closed():
+                return
+            if _get_running_loop() is loop:
                 prefetch.cancel()
+            else:
+                # The garbage collector may free the iterator on another thread, while the
+                # loop closes.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(prefetch.cancel)
         elif not prefetch.cancelled():
             prefetch.exception()  # retrieved, so that asyncio does not log an error that no caller awaits
 
