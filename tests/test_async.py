@@ -506,20 +506,23 @@ def test_aio_call_runs_in_callers_context(kv: Dict) -> None:
     assert asyncio.run(main()) == [["first", "first"], ["second", "second"]]
 
 
-def test_aio_call_pending_at_loop_end_is_cancelled(kv: Dict, caplog: pytest.LogCaptureFixture) -> None:
-    kv["k"] = "v"
+def test_aio_call_pending_at_loop_end_is_cancelled(daemon, kv: Dict, caplog: pytest.LogCaptureFixture) -> None:
     calls = []
 
     async def main() -> None:
         await kv.get.aio("k")  # opens the connection
-        # Started, but never awaited to its end: the loop ends while it is in flight.
+        # A stopped daemon answers nothing, so the loop ends while the call is in flight.
+        os.kill(daemon.process.pid, signal.SIGSTOP)
+        wait_until(lambda: process_state(daemon.process.pid) == "T", "the daemon is stopped")
         calls.append(asyncio.ensure_future(kv.get.aio("k")))
 
-    with caplog.at_level("ERROR", logger="asyncio"):
-        asyncio.run(main())
-        gc.collect()
+    try:
+        with caplog.at_level("ERROR", logger="asyncio"):
+            asyncio.run(main())
+            gc.collect()
+    finally:
+        os.kill(daemon.process.pid, signal.SIGCONT)
 
-    assert calls[0].done()
     assert calls[0].cancelled()
     assert [record.getMessage() for record in caplog.records] == []
 
