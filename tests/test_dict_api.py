@@ -740,7 +740,7 @@ def test_iteration_reads_one_page_ahead(daemon):
     first = [next(items) for _ in range(10)]
 
     # The first page has been read and the second requested, but not the third, so the
-    # iteration sees these writes to its entries: a changed value, and deleted entries.
+    # iteration returns these writes to its entries: a changed value, and deleted entries.
     d.update((i, "changed") for i in range(2 * PAGE_SIZE, count))
     for i in range(count - 20, count):
         del d[i]

@@ -50,7 +50,7 @@ class Items:
     out the items, so that the daemon works on it while the caller works through them.
     After the last item the operation receives the result of ``prefetch``, or has its
     error thrown in, or receives None when there is no ``prefetch``. At most one read is
-    sent ahead at a time, so an operation that reads pages holds at most two of them.
+    sent ahead at a time, so an operation that reads pages keeps at most two in memory.
     """
 
     __slots__ = ("items", "prefetch")

@@ -415,10 +415,10 @@ class Store:
     ) -> None:
         """Insert or overwrite many entries; the caller's transaction makes it all or nothing.
 
-        New keys take consecutive sequence numbers, so their records go through cursors
-        that stay on the last pages of the dict, and the dict's stats are read and written
-        once, not once per entry. A key that is present goes through ``_put``, as the key
-        of a single put does.
+        New keys take consecutive sequence numbers, so their order and access records go
+        through cursors that stay on the dict's last pages, and the dict's stats are read
+        and written once, not once per entry. A key that is present goes through ``_put``,
+        as the key of a single put does.
         """
         record = self._load_dict(txn, object_id)
         data_id = record.data_id
