@@ -49,6 +49,8 @@ _NO_DAEMON_ERRORS = (errno.ENOENT, errno.ECONNREFUSED)
 # A request goes out at most this many times: a restarted daemon costs one attempt.
 ATTEMPTS = 3
 _HEADER = protocol.HEADER
+# msgpack's defaults since 1.0, raw=False and strict_map_key=True, are the protocol's
+# options for decoding; passing them costs a sixth of a microsecond per reply.
 _unpackb = msgpack.unpackb
 # Queued requests are written early once they reach this many bytes, so that the daemon
 # starts on them while the loop is still running the callbacks that make more.
@@ -254,7 +256,7 @@ class AsyncConnection(asyncio.Protocol):
                 if end > length:
                     break
                 try:
-                    reply = _unpackb(view[start + header_size : end], raw=False, strict_map_key=True)
+                    reply = _unpackb(view[start + header_size : end])
                 except Exception as exc:  # msgpack raises several unrelated exception types
                     raise protocol.MalformedFrame(f"frame is not valid msgpack: {exc}") from exc
                 start = end
