@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import Latencies
-from benchmarks.report import git_commit, machine, versions
+from benchmarks.report import describe_load, describe_machine, git_commit, machine, versions
 from benchmarks.servers import SharedictServer
 from sharedict import Dict
 from sharedict.api.config import Settings
@@ -241,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
 
     print_results(results)
-    print(f"machine: {environment['machine']}")
+    print(f"machine: {describe_machine(environment['machine'])}")
+    print(f"load average (1, 5, 15 min): {describe_load(environment['machine'])}")
     print(f"python {environment['versions']['python']}, commit {environment['commit']}")
     if arguments.json:
         with open(arguments.json, "w") as output:

@@ -36,7 +36,7 @@ from typing import Any
 import lmdb
 
 from benchmarks.measure import Latencies
-from benchmarks.report import git_commit, machine, versions
+from benchmarks.report import describe_load, describe_machine, git_commit, machine, versions
 from benchmarks.servers import SharedictServer
 from sharedict import Dict
 from sharedict.api.config import Settings
@@ -201,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'step':<{width}}  {'p50 (µs)':>9}  {'p99 (µs)':>9}")
     for step, figures in document["floors"].items():
         print(f"{step:<{width}}  {figures['p50_us']:>9,.1f}  {figures['p99_us']:>9,.1f}")
-    print(f"machine: {document['machine']}")
+    print(f"machine: {describe_machine(document['machine'])}")
+    print(f"load average (1, 5, 15 min): {describe_load(document['machine'])}")
     print(f"python {document['versions']['python']}, commit {document['commit']}")
     if arguments.json:
         with open(arguments.json, "w") as output:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.measure import Latencies
-from benchmarks.report import git_commit, machine, versions
+from benchmarks.report import describe_load, describe_machine, git_commit, machine, versions
 from benchmarks.servers import SharedictServer
 from sharedict import Dict
 from sharedict.api import protocol
@@ -333,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
 
     print_results(results)
-    print(f"machine: {machine_facts}")
+    print(f"machine: {describe_machine(machine_facts)}")
+    print(f"load average (1, 5, 15 min): {describe_load(machine_facts)}")
     print(f"python {environment['versions']['python']}, lmdb {environment['versions']['liblmdb']}, commit {environment['commit']}")
     if arguments.json:
         with open(arguments.json, "w") as output:

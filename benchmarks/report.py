@@ -218,14 +218,10 @@ def write_markdown(path: str, document: dict[str, Any], sections: Sequence[tuple
     """Write the environment of a run and its tables as Markdown, for docs/benchmarks.md."""
     machine_facts = document["machine"]
     found = document["versions"]
-    memory = machine_facts["memory_bytes"]
     library_names = [name for name in LIBRARIES if found.get(name)]
     lines = [
-        f"- machine: {machine_facts['cpu']}, {machine_facts['logical_cpus']} logical CPUs, "
-        + (f"{memory / (1 << 30):.1f} GiB memory" if memory else "memory unknown")
-        + f", Linux {machine_facts['kernel']}, data on {machine_facts['data_filesystem']}",
-        f"- load average (1, 5, 15 min) at the start {_load(machine_facts['load_average_at_start'])}, "
-        f"at the end {_load(machine_facts.get('load_average_at_end'))}",
+        f"- machine: {describe_machine(machine_facts)}",
+        f"- load average (1, 5, 15 min) {describe_load(machine_facts)}",
         f"- Python {found['python']} ({found['python_implementation']})",
         "- " + ", ".join(f"{name} {found[name]}" for name in library_names),
         f"- redis-server {found['redis-server']}, SQLite {found['sqlite']}, LMDB {found['liblmdb']}",
@@ -236,6 +232,24 @@ def write_markdown(path: str, document: dict[str, Any], sections: Sequence[tuple
         lines += ["", f"### {title}", "", render_markdown(table_lines)]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+def describe_machine(machine_facts: dict[str, Any]) -> str:
+    """Describe the machine of a run in one line: CPU, memory, kernel and the data's filesystem."""
+    memory = machine_facts["memory_bytes"]
+    return (
+        f"{machine_facts['cpu']}, {machine_facts['logical_cpus']} logical CPUs, "
+        + (f"{memory / (1 << 30):.1f} GiB memory" if memory else "memory unknown")
+        + f", Linux {machine_facts['kernel']}, data on {machine_facts['data_filesystem']}"
+    )
+
+
+def describe_load(machine_facts: dict[str, Any]) -> str:
+    """Describe the load averages at the start and the end of a run."""
+    return (
+        f"at the start {_load(machine_facts['load_average_at_start'])}, "
+        f"at the end {_load(machine_facts.get('load_average_at_end'))}"
+    )
 
 
 def _load(averages: Sequence[float] | None) -> str:

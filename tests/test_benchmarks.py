@@ -66,6 +66,12 @@ def test_quick_run_prints_table(quick_run: tuple[subprocess.CompletedProcess[str
     assert "get p50" in completed.stdout
 
 
+def test_quick_run_judges_no_goals(quick_run: tuple[subprocess.CompletedProcess[str], dict]) -> None:
+    completed, document = quick_run
+    assert "Goals" not in completed.stdout
+    assert document["goals"] == []
+
+
 def test_quick_run_leaves_no_data(quick_run: tuple[subprocess.CompletedProcess[str], dict]) -> None:
     _, document = quick_run
     # The run's scratch directory lived beside the JSON file and must be gone.
