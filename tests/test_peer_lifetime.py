@@ -13,6 +13,7 @@ import pytest
 
 from sharedict import Dict, Lock, RequestSizeError
 from sharedict.api import protocol
+from sharedict.api.autostart import process_running
 from sharedict.api.cli import main
 from sharedict.api.transport import Request
 
@@ -93,3 +94,29 @@ def test_oversized_request_raises_request_size_error(daemon):
     with pytest.raises(RequestSizeError, match="limit of one request"):
         client.call(Request(protocol.PUT, bytes.fromhex(scratch.object_id[3:]), b"Sk", None, huge, False, write=True))
     assert scratch.len() == 0
+
+
+def test_exited_unreaped_process_not_running():
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    try:
+        # The child stays a zombie until it is reaped, and kill(pid, 0) still finds it.
+        assert wait_until_zombie(child)
+        assert not process_running(child)
+    finally:
+        os.waitpid(child, 0)
+
+
+def test_live_process_running():
+    assert process_running(os.getpid())
+
+
+def wait_until_zombie(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            if stat.read().rpartition(b")")[2].split()[0] == b"Z":
+                return True
+        time.sleep(0.01)
+    return False

@@ -145,3 +145,25 @@ def _log_tail(log_path: str, lines: int = 5) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(tail[-lines:])
+
+
+def process_running(pid: int) -> bool:
+    """Return whether process ``pid`` exists and has not exited.
+
+    A process that has exited but that its parent has not reaped yet (a zombie) still
+    has its pid, yet it holds no socket and runs no code, so it counts as exited.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # The state follows the command name, which is in parentheses and may contain any byte.
+            state = stat.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc, or the process exited meanwhile: kill() has already said it existed
+    return state not in (b"Z", b"X")
+

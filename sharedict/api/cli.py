@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from sharedict.api import protocol
-from sharedict.api.autostart import EXIT_ALREADY_RUNNING
+from sharedict.api.autostart import EXIT_ALREADY_RUNNING, process_running
 from sharedict.api.cli_common import CommandError, print_rich
 from sharedict.api.cli_format import format_bytes, format_duration, format_timestamp
 from sharedict.api.config import EXPIRE_AFTER_VALUES, SWEEP_INTERVAL_VALUES, Settings, parse_seconds
@@ -314,7 +314,7 @@ def stop(socket_path: str | None) -> None:
         pid = client.call(Request(protocol.STATUS))["pid"]
         client.call(Request(protocol.SHUTDOWN))
     deadline = time.monotonic() + STOP_TIMEOUT
-    while _process_exists(pid):
+    while process_running(pid):
         if time.monotonic() > deadline:
             raise CommandError(
                 f"the daemon (pid {pid}) did not stop within {STOP_TIMEOUT:.0f} s; see its log, "
@@ -322,16 +322,6 @@ def stop(socket_path: str | None) -> None:
             )
         time.sleep(0.02)
     click.echo(f"stopped the daemon (pid {pid})")
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _one_line(message: str) -> str:

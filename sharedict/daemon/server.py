@@ -23,6 +23,7 @@ from typing import Any
 
 from sharedict import __version__
 from sharedict.api import protocol
+from sharedict.api.autostart import process_running
 from sharedict.api.config import Settings
 from sharedict.daemon import security
 from sharedict.daemon.connection import Connection
@@ -244,7 +245,7 @@ class Server:
             with self._connections_lock:
                 connections = list(self._connections.values())
             for conn in connections:
-                if not _process_exists(conn.pid):
+                if not process_running(conn.pid):
                     logger.info("closing connection %d: its process %d has exited", conn.id, conn.pid)
                     conn.disconnect()
 
@@ -254,7 +255,7 @@ class Server:
             connected = {conn.pid for conn in self._connections.values()}
 
         def gone(owner_pid: int) -> bool:
-            return owner_pid not in connected and not _process_exists(owner_pid)
+            return owner_pid not in connected and not process_running(owner_pid)
 
         self._delete_ephemeral_dicts(gone)
 
@@ -322,13 +323,3 @@ class Server:
             "writes": self.writer.writes,
             "locks": self.locks.status(),
         }
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
