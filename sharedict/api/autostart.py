@@ -151,7 +151,7 @@ def process_running(pid: int) -> bool:
     """Return whether process ``pid`` exists and has not exited.
 
     A process that has exited but that its parent has not reaped yet (a zombie) still
-    has its pid, yet it holds no socket and runs no code, so it counts as exited.
+    has its pid, yet it has no open socket and runs no code, so it counts as exited.
     """
     try:
         os.kill(pid, 0)
@@ -164,6 +164,6 @@ def process_running(pid: int) -> bool:
             # The state follows the command name, which is in parentheses and may contain any byte.
             state = stat.read().rpartition(b")")[2].split()[0]
     except (OSError, IndexError):
-        return True  # no /proc, or the process exited meanwhile: kill() has already said it existed
+        return True  # no /proc here, or it exited just now: kill() found it, so report it running
     return state not in (b"Z", b"X")
 
