@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{summary.skipped:,} skipped as not tokenizable; {summary.tokens:,} tokens in {summary.seconds:.2f} s"
         )
 
-    if len(summaries) > 1:
+    # The comparison means something only when the first run computed counts that the
+    # last one reused.
+    if len(summaries) > 1 and summaries[0].computed:
         first, last = summaries[0], summaries[-1]
         print(
             f"run {len(summaries)} took {last.seconds:.2f} s against {first.seconds:.2f} s for run 1 "

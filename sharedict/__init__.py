@@ -21,6 +21,7 @@ from sharedict.api import (  # noqa: E402 - the version must exist before the da
     ProtocolError,
     RequestSizeError,
     SerializationError,
+    Settings,
     StorageFullError,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "ProtocolError",
     "RequestSizeError",
     "SerializationError",
+    "Settings",
     "StorageFullError",
     "__version__",
 ]

@@ -902,7 +902,7 @@ def test_status_never_starts_daemon(run, no_daemon):
     code, _, err = run("status")
     assert code == 1
     assert_one_line_error(err)
-    assert "`sharedict serve`" in err
+    assert "`sharedict serve --detach`" in err
     assert not os.path.exists(no_daemon)
 
 

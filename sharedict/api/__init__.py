@@ -1,5 +1,6 @@
 """The user's side of sharedict: ``Dict``, ``Lock``, their errors, and the transport to the daemon."""
 
+from sharedict.api.config import Settings
 from sharedict.api.dict import Dict, DictInfo
 from sharedict.api.errors import (
     AlreadyExistsError,
@@ -42,5 +43,6 @@ __all__ = [
     "ProtocolError",
     "RequestSizeError",
     "SerializationError",
+    "Settings",
     "StorageFullError",
 ]

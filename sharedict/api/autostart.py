@@ -133,7 +133,7 @@ def no_daemon_error(settings: Settings) -> DaemonUnavailableError:
         # The environment allows auto-start, so the code that made the client turned it off.
         fix = "or give the client Settings(autostart=True) to let it start one"
     return DaemonUnavailableError(
-        f"no sharedict daemon is running on {settings.socket_path}; start one with `sharedict serve`, {fix}"
+        f"no sharedict daemon is running on {settings.socket_path}; start one with `sharedict serve --detach`, {fix}"
     )
 
 

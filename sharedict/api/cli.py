@@ -288,7 +288,7 @@ def status(socket_path: str | None, as_json: bool) -> None:
     expiry settings, the last sweep and the held locks. Never starts a daemon: with
     none running, this fails with exit status 1.
     """
-    with _running_daemon(socket_path, "start one with `sharedict serve`") as client:
+    with _running_daemon(socket_path, "start one with `sharedict serve --detach`") as client:
         info = client.call(Request(protocol.STATUS))
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True, default=repr))

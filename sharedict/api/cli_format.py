@@ -222,8 +222,8 @@ def format_time_iso(moment: datetime.datetime) -> str:
 
 
 def format_timestamp(timestamp: float) -> str:
-    """Format a Unix time as local time to the second, for status output."""
-    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+    """Format a Unix time as local time to the second, with the zone, for status output."""
+    return datetime.datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def count_of(number: int, singular: str, plural: str) -> str:
