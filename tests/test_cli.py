@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from helpers import wait_until
 from sharedict import Dict, Lock
 from sharedict.api import protocol
 from sharedict.api.cli import main
@@ -700,6 +702,29 @@ def test_export_file_format(run, name, tmp_path):
     assert header["version"] == FORMAT_VERSION
     assert entry[:2] == [b"Sk", None]
     assert trailer == {"entries": 1}
+
+
+def test_export_stopped_by_sigterm_leaves_nothing(daemon, name, child_env, tmp_path):
+    Dict.from_name(name, create_if_missing=True).update({f"k{i}": "v" * 1000 for i in range(5000)})
+    target = tmp_path / "backup.sdx"
+    export = subprocess.Popen(
+        [sys.executable, "-m", "sharedict", "export", name, str(target)],
+        env=child_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Once the partial file exists, pausing the daemon holds the export inside its scan.
+    assert wait_until(lambda: any(tmp_path.glob(".backup.sdx.*.partial")))
+    os.kill(daemon.process.pid, signal.SIGSTOP)
+    try:
+        export.send_signal(signal.SIGTERM)
+        _, err = export.communicate(timeout=CHILD_TIMEOUT)
+    finally:
+        os.kill(daemon.process.pid, signal.SIGCONT)
+    assert export.returncode == 1
+    assert "stopped by SIGTERM" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_missing_dict_keeps_file(run, name, tmp_path):

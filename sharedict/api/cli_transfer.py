@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 import struct
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
@@ -102,7 +104,7 @@ def export_command(name: str, file: str, environment_name: str) -> None:
         ) from None
 
     try:
-        with temporary, _progress() as progress:
+        with temporary, _progress() as progress, _terminated_as_error(f"the export to {file!r} was stopped"):
             task = progress.add_task(f"exporting dict {name}", total=total)
             count = _write_export(temporary, handle, name, environment_name, lambda: progress.advance(task))
             progress.update(task, total=count, completed=count)
@@ -123,6 +125,27 @@ def export_command(name: str, file: str, environment_name: str) -> None:
         f"({format_bytes(os.path.getsize(path))})",
         err=True,
     )
+
+
+@contextlib.contextmanager
+def _terminated_as_error(what: str) -> Iterator[None]:
+    """Turn SIGTERM into a ``CommandError`` inside the block, so that cleanup code runs.
+
+    Python ends a process at SIGTERM without running ``finally`` blocks, which would leave
+    the partial export file behind.
+    """
+
+    def stop(signum: int, frame: Any) -> None:
+        raise CommandError(f"{what} by SIGTERM; the file was left as it was")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set a signal handler
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _write_export(
