@@ -849,6 +849,37 @@ def test_import_cut_tuple_key_fails(run, name, tmp_path):
     assert run("get", name, "k")[0] == 1
 
 
+def tuple_key(*parts: bytes) -> bytes:
+    """Encode a tuple key from the encodings of its items, as the key codec lays it out."""
+    return b"T" + len(parts).to_bytes(4, "big") + b"".join(len(part).to_bytes(4, "big") + part for part in parts)
+
+
+def nested_key(depth: int) -> bytes:
+    key = b"N"
+    for _ in range(depth):
+        key = tuple_key(key)
+    return key
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param(b"\xffnot-a-key", id="unknown-tag"),
+        pytest.param(b"Ntrailing", id="bytes-after-none"),
+        pytest.param(tuple_key(b"Nxyz"), id="bytes-after-item"),
+        pytest.param(b"I\x00\x01", id="long-int"),
+        pytest.param(b"Z" + (2).to_bytes(4, "big") + (b"\x00\x00\x00\x02Sa" * 2), id="repeated-item"),
+        pytest.param(nested_key(3000), id="deep-nesting"),
+    ],
+)
+def test_import_invalid_key_encoding_fails(run, name, tmp_path, key):
+    path = forged_export(tmp_path / "forged.sdx", [key, None, b"v"])
+    code, _, err = run("import", name, path)
+    assert code == 1
+    assert_one_line_error(err)
+    assert "the key of entry 1 is not a key encoding" in err
+
+
 def test_import_other_file_fails(run, name, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("not an export\n")

@@ -33,3 +33,15 @@ def test_zero_expire_after_accepted():
 def test_defaults_accepted():
     settings = Settings(**PATHS)
     assert settings.sweep_interval == 60.0
+
+
+@pytest.mark.parametrize("value", ["5", True, b"5", 10**400])
+def test_non_number_sweep_interval_rejected(value):
+    with pytest.raises(InvalidError) as caught:
+        Settings(**PATHS, sweep_interval=value)
+    assert "Settings(sweep_interval=" in str(caught.value)
+
+
+def test_int_expire_after_stored_as_float():
+    # The daemon that a client starts parses repr() of the value.
+    assert repr(Settings(**PATHS, expire_after=60).expire_after) == "60.0"

@@ -297,6 +297,46 @@ def test_ephemeral_survives_another_process_exit(daemon, child_env):
         assert d["key"] == "value"
 
 
+def run_ephemeral_child(child_env: dict[str, str], between: str) -> subprocess.CompletedProcess[str]:
+    """Run a child that fills an ephemeral dict, runs ``between``, then prints the entry.
+
+    A wrong deletion would come from the writer after the connection closed, or from the
+    peer watcher, which runs once a second, so the child gives both time to happen.
+    """
+    code = textwrap.dedent(
+        """
+        import time
+        from sharedict import Client, Dict, NotFoundError
+        with Dict.ephemeral() as d:
+            d["key"] = "value"
+        {between}
+            time.sleep(2.5)
+            print(d.get("key"))
+        """
+    ).format(between=textwrap.indent(textwrap.dedent(between), "    "))
+    return subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True, timeout=60)
+
+
+def test_ephemeral_survives_error_reply(daemon, child_env):
+    # The error reply must not close the process's only connection, on which the daemon
+    # would delete its ephemeral dicts.
+    result = run_ephemeral_child(
+        child_env,
+        """
+        try:
+            Dict.from_name("no-such-dict").get("key")
+        except NotFoundError:
+            pass
+        """,
+    )
+    assert result.stdout.strip() == "value", result.stderr
+
+
+def test_ephemeral_survives_closed_connections(daemon, child_env):
+    result = run_ephemeral_child(child_env, "Client.default().close()\n")
+    assert result.stdout.strip() == "value", result.stderr
+
+
 # Dict.objects.
 
 

@@ -11,10 +11,12 @@ import textwrap
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sharedict import Dict
 from sharedict.api.codec import encode_update
-from sharedict.api.serialization import dump_value, encode_key
+from sharedict.api.serialization import checked_match_key, dump_value, encode_key
 
 MISSING = object()
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -396,3 +398,26 @@ def test_key_read_by_other_process(daemon, child_env):
         child_env,
     )
     assert output.splitlines() == ["value", "[(1.0, 'a', frozenset({b'x'}))]"]
+
+
+# The check of imported keys accepts every key that the codec writes.
+
+import_keys = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True)
+    | st.text()
+    | st.binary()
+    | st.just(range(3)),
+    lambda children: st.tuples(children, children) | st.lists(children).map(tuple) | st.frozensets(children),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(import_keys)
+def test_checked_match_key_accepts_codec_keys(key):
+    match_key, stored_key = encode_key(key)
+    assert checked_match_key(stored_key if stored_key is not None else match_key) == match_key
+    assert checked_match_key(match_key) == match_key

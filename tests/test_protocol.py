@@ -731,3 +731,29 @@ def test_async_client_rejects_broken_reply(replies, tmp_path):
     finally:
         fake.close()
         client.close()
+
+
+# Frame splitting, without a daemon.
+
+
+def frame_of(body: bytes) -> bytes:
+    return protocol.HEADER.pack(len(body)) + body
+
+
+def test_reader_fed_while_iterating_keeps_order():
+    reader = protocol.FrameReader()
+    reader.feed(frame_of(b"a") + frame_of(b"b") + frame_of(b"cc")[:3])
+    frames = reader.frames()
+    first = bytes(next(frames))
+    reader.feed(frame_of(b"cc")[3:] + frame_of(b"d"))
+    rest = [bytes(body) for body in frames] + [bytes(body) for body in reader.frames()]
+    assert [first, *rest] == [b"a", b"b", b"cc", b"d"]
+
+
+def test_reader_bodies_survive_later_feeds():
+    reader = protocol.FrameReader()
+    reader.feed(frame_of(b"first") + frame_of(b"second")[:2])
+    bodies = list(reader.frames())
+    reader.feed(frame_of(b"second")[2:])
+    bodies += list(reader.frames())
+    assert [bytes(body) for body in bodies] == [b"first", b"second"]

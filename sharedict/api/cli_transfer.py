@@ -43,7 +43,7 @@ from sharedict.api.cli_common import (
 )
 from sharedict.api.cli_format import count_of, format_bytes
 from sharedict.api.dict import Dict
-from sharedict.api.serialization import match_key_of
+from sharedict.api.serialization import checked_match_key, match_key_of
 from sharedict.api.transport import Client, Request
 
 FORMAT_NAME = "sharedict-export"
@@ -255,7 +255,7 @@ class _ExportReader:
         # its stored key would make the key unreachable, or reachable twice.
         match_key, stored_key, _ = item
         try:
-            expected = match_key_of(stored_key if stored_key is not None else match_key)
+            expected = checked_match_key(stored_key if stored_key is not None else match_key)
         except (struct.error, IndexError, ValueError) as exc:
             raise self._damaged(f"the key of entry {number} is not a key encoding ({exc})") from None
         if match_key != expected:

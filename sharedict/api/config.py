@@ -18,6 +18,7 @@ lower case; empty means the default. An invalid value of any variable raises
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -120,10 +121,15 @@ class Settings:
             ("expire_after", self.expire_after, True, EXPIRE_AFTER_VALUES),
             ("sweep_interval", self.sweep_interval, False, SWEEP_INTERVAL_VALUES),
         ):
+            # Text, bools and Decimals pass float(), but the daemon parses repr() of the value.
             try:
-                parse_seconds(value, zero_allowed=zero_allowed)
-            except (TypeError, ValueError):
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise TypeError(type(value).__name__)
+                seconds = parse_seconds(value, zero_allowed=zero_allowed)
+            except (TypeError, ValueError, OverflowError):
                 raise InvalidError(f"Settings({field}={value!r}) is invalid; set it to {values}") from None
+            # Stored as a float, whose repr() the daemon parses. The dataclass is frozen.
+            object.__setattr__(self, field, seconds)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> Settings:

@@ -158,4 +158,7 @@ class FrameReader:
             if view is None:
                 del self._buffer[:start]
             elif start < len(data):
-                self._buffer += view[start:]
+                # Data fed while this generator was suspended comes after the rest of
+                # this one, which goes first.
+                self._buffer[:0] = view[start:]
+                self._buffer_received()

@@ -158,6 +158,59 @@ def match_key_of(stored_key: bytes) -> bytes:
     return stored_key
 
 
+def checked_match_key(data: bytes, depth: int = 0) -> bytes:
+    """Return the match key of a stored or match key, checking that ``encode_key`` could have made it.
+
+    ``match_key_of`` trusts its input. A key from a file written by hand must also use
+    known tags, have no bytes left over, write each int in its shortest form and contain
+    no item twice in a frozenset. Otherwise it decodes to a key whose own match key
+    differs, which a get never finds and a put stores a second time. Pickled keys are taken as
+    they are, since checking them would mean unpickling them.
+
+    Raises ``ValueError`` (or ``struct.error`` for a truncated length) naming the fault.
+    """
+    tag, body = data[:1], data[1:]
+    if tag in (TAG_NONE, TAG_TRUE, TAG_FALSE):
+        if body:
+            raise ValueError(f"{len(body)} bytes follow the type tag {tag!r}")
+        return match_key_of(data)
+    if tag == TAG_INT:
+        if not body or _int_bytes(int.from_bytes(body, "big", signed=True)) != data:
+            raise ValueError("an int is not in its shortest encoding")
+        return data
+    if tag == TAG_FLOAT:
+        if len(body) != _DOUBLE.size:
+            raise ValueError(f"a float has {len(body)} bytes instead of {_DOUBLE.size}")
+        return _encode(_DOUBLE.unpack(body)[0])[0]
+    if tag == TAG_STR:
+        body.decode("utf-8", "surrogatepass")  # UnicodeDecodeError is a ValueError
+        return data
+    if tag in (TAG_BYTES, TAG_PICKLE):
+        return data
+    if tag in (TAG_TUPLE, TAG_FROZENSET):
+        if depth == MAX_KEY_DEPTH:
+            raise KeyTooDeep(f"the key nests tuples or frozensets more than {MAX_KEY_DEPTH} levels deep")
+        (count,) = _LENGTH.unpack_from(data, 1)
+        position = 1 + _LENGTH.size
+        parts = []
+        for _ in range(count):
+            (length,) = _LENGTH.unpack_from(data, position)
+            position += _LENGTH.size
+            if position + length > len(data):
+                raise ValueError("an item of a tuple or frozenset runs past the end of the key")
+            parts.append(checked_match_key(data[position : position + length], depth + 1))
+            position += length
+        if position != len(data):
+            raise ValueError(f"{len(data) - position} bytes follow the last item of a tuple or frozenset")
+        if tag == TAG_FROZENSET:
+            parts.sort()
+            # Distinct NaN objects are unequal, so a frozenset may contain two NaNs, and nothing else twice.
+            if any(first == second and _CANONICAL_NAN not in first for first, second in zip(parts, parts[1:])):
+                raise ValueError("a frozenset holds equal items twice")
+        return _join(tag, parts)
+    raise ValueError(f"unknown type tag {tag!r}")
+
+
 def _decode(data: memoryview, start: int) -> tuple[Any, int]:
     tag = bytes(data[start : start + 1])
     body = start + 1

@@ -123,6 +123,8 @@ class SyncConnection:
         self._packer = msgpack.Packer(use_bin_type=True)
         self._next_id = 0
         self.closed = False
+        # True from a send until its reply has been read whole, even an error reply.
+        self.awaiting_reply = False
         try:
             self.server_info = self.request(Request(protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid()))
         except (_NotSent, _ReplyLost):
@@ -148,6 +150,7 @@ class SyncConnection:
                 "limit of one request; store large objects in files and keep their paths in the dict"
             )
         header = protocol.HEADER.pack(len(body))
+        self.awaiting_reply = True
         try:
             if len(body) < 65536:
                 self._sock.sendall(header + body)
@@ -168,6 +171,7 @@ class SyncConnection:
                     if not isinstance(reply, list) or not reply:
                         raise protocol.MalformedFrame("a reply must be an array of [request id, status, result]")
                     if reply[0] == request_id:
+                        self.awaiting_reply = False
                         return reply_result(reply, request_id)
                     if reply[0] == 0:
                         self.close()  # the daemon rejected the connection as a whole
@@ -251,7 +255,13 @@ class Client:
                     ) from None
                 continue
             except BaseException:
-                conn.close()  # a half-read reply would confuse the next request
+                # An error reply read whole leaves the connection clean, so it is kept:
+                # closing the process's last connection makes the daemon check whether
+                # the process still runs, to delete its ephemeral dicts once it exits.
+                if conn.awaiting_reply:
+                    conn.close()  # a half-read reply would confuse the next request
+                else:
+                    self._checkin(conn)
                 raise
             self._checkin(conn)
             return result
@@ -384,7 +394,10 @@ class PendingRead:
             self._client.close()
             return self._client.call(self._request)
         except BaseException:
-            conn.close()
+            if conn.awaiting_reply:
+                conn.close()
+            else:
+                self._client._checkin(conn)  # an error reply, read whole
             raise
         self._client._checkin(conn)
         return result

@@ -67,6 +67,9 @@ class Server:
         self.locks: LockService
         self._connections: dict[int, Connection] = {}
         self._connections_lock = threading.Lock()
+        # Processes that closed their last connection while still running: their
+        # ephemeral dicts go once they exit, as the peer watcher finds out.
+        self._disconnected_pids: set[int] = set()
         self._extra_operations: dict[str, ExtraOperation] = {}
         self._wakeup_read, self._wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = threading.Event()
@@ -231,7 +234,15 @@ class Server:
         with self._connections_lock:
             self._connections.pop(conn.id, None)
             pid_still_connected = any(other.pid == conn.pid for other in self._connections.values())
-        if not pid_still_connected and not self._stopping.is_set():
+        if pid_still_connected or self._stopping.is_set():
+            return
+        # A running process may close every connection, after a timeout for example, and
+        # still use its ephemeral dicts on a new one. The socket of an exiting process
+        # closes before its process is gone, so the check is repeated by the watcher.
+        if process_running(conn.pid):
+            with self._connections_lock:
+                self._disconnected_pids.add(conn.pid)
+        else:
             self._delete_ephemeral_dicts(lambda owner_pid: owner_pid == conn.pid)
 
     def _watch_peers(self) -> None:
@@ -244,10 +255,16 @@ class Server:
         while not self._stopping.wait(PEER_CHECK_INTERVAL):
             with self._connections_lock:
                 connections = list(self._connections.values())
+                connected = {conn.pid for conn in connections}
+                self._disconnected_pids -= connected
+                exited = {pid for pid in self._disconnected_pids if not process_running(pid)}
+                self._disconnected_pids -= exited
             for conn in connections:
                 if not process_running(conn.pid):
                     logger.info("closing connection %d: its process %d has exited", conn.id, conn.pid)
                     conn.disconnect()
+            if exited:
+                self._delete_ephemeral_dicts(lambda owner_pid: owner_pid in exited)
 
     def reap_ephemeral_dicts(self) -> None:
         """Delete the ephemeral dicts of processes that have gone away."""

@@ -713,8 +713,10 @@ class ReadTransaction:
         return self._txn
 
     def __exit__(self, *exc_info: object) -> None:
-        self._txn.abort()
-        self._gate.leave_shared()
+        try:
+            self._txn.abort()
+        finally:
+            self._gate.leave_shared()
 
 
 def _reserve_address_space(size: int) -> None:
