@@ -355,6 +355,14 @@ def test_unhashable_key_raises(daemon, key):
     assert "frozenset" in str(caught.value)
 
 
+def test_unhashable_item_named(daemon):
+    d = fresh_dict()
+    with pytest.raises(TypeError) as caught:
+        d[("tuple", ["holding a list"])] = "value"
+    assert "('tuple', ['holding a list'])" in str(caught.value)
+    assert "unhashable type: 'list'" in str(caught.value)
+
+
 def test_unhashable_key_raises_on_read(daemon):
     d = fresh_dict()
     with pytest.raises(TypeError, match="unhashable"):

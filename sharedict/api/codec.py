@@ -80,8 +80,10 @@ def encode_request_key(key: Any, dict_label: str) -> tuple[bytes, bytes | None]:
         try:
             hash(key)
         except TypeError as exc:
+            # The message names the key and Python's reason, since a tuple is unhashable
+            # only because of an item, which the reason names.
             raise TypeError(
-                f"unhashable key of type {type(key).__name__} for {dict_label}: keys must be hashable, "
+                f"unhashable key {_short_repr(key)} for {dict_label} ({exc}): keys must be hashable, "
                 "as in a Python dict; use a tuple instead of a list, or a frozenset instead of a set"
             ) from exc
     try:
