@@ -694,6 +694,14 @@ def test_async_iteration_break_leaves_connection_clean(kv: Dict) -> None:
     assert [str(warning.message) for warning in caught] == []
 
 
+def test_awaited_async_iterator_names_async_for(kv: Dict) -> None:
+    async def main() -> None:
+        await kv.items.aio()
+
+    with pytest.raises(TypeError, match="async for"):
+        asyncio.run(main())
+
+
 def test_async_iterator_aclose_ends_iteration(kv: Dict) -> None:
     kv.update({"a": 1, "b": 2})
 

@@ -159,6 +159,14 @@ class AsyncItems:
     def __aiter__(self) -> AsyncItems:
         return self
 
+    def __await__(self) -> Generator[Any, None, Any]:
+        # Awaiting an iterator is a common slip; without this, Python's message names
+        # neither the iterator nor the fix.
+        raise TypeError(
+            "an async iterator of a dict is not awaitable; iterate it with `async for item in d.items.aio()`, "
+            "or collect it with `[item async for item in d.items.aio()]`"
+        )
+
     async def __anext__(self) -> Any:
         body = self._body
         if body is None:
