@@ -17,7 +17,7 @@ import pytest
 from stress import workloads
 from stress.lmdb_integrity import check_data_dir
 
-from helpers import stop_process
+from helpers import stop_process, wait_until
 from sharedict import Dict
 
 MiB = 1 << 20
@@ -52,6 +52,8 @@ def run_long_readers(tmp_path, *, entries: int, rounds: int, streamers: int, pau
         while not writers.join(timeout=0.05):
             slots.sample()
             assert time.monotonic() < deadline, "the writers did not finish within an hour"
+        # Fast writers can finish before a slow reader has read the whole dict once.
+        assert wait_until(lambda: tally.passes > 0), "no reader finished a pass over the dict"
         assert readers.stop(), "the readers did not stop"
         slots.close()
 
