@@ -405,9 +405,8 @@ class PendingRead:
     def cancel(self) -> None:
         """Drop the reply, and keep the connection for later requests.
 
-        The reply is read and dropped rather than the connection closed: the daemon
-        deletes a process's ephemeral dicts when its last connection closes, and this
-        one may be the last.
+        The reply is read and dropped rather than the connection closed, so that the
+        next request finds the connection open instead of connecting again.
         """
         conn, self._conn = self._conn, None
         if conn is None or conn.pid != os.getpid():
