@@ -12,7 +12,7 @@ class ResizeGate:
 
     LMDB allows ``mdb_env_set_mapsize`` only while the process has no transaction open.
     Every read passes this gate twice, so entering and leaving take the bare lock and
-    wake nobody unless a resize waits.
+    wake no thread unless a resize waits.
     """
 
     def __init__(self) -> None:

@@ -140,8 +140,8 @@ class GroupCommitWriter:
     def _gather(self) -> None:
         """With the lock held, wait for the steady writers that the last commit acknowledged.
 
-        Each submit wakes the wait; it ends once each of them has queued a write, after a
-        share of the last commit's time, or when the writer stops.
+        Each submit wakes the wait. The wait ends once each of them has queued a write,
+        after a share of the last commit's time, or when the writer stops.
         """
         if not self._batch_sources:
             return
