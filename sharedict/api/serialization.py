@@ -146,16 +146,25 @@ def match_key_of(stored_key: bytes) -> bytes:
     if tag == TAG_FLOAT:
         return _encode(_DOUBLE.unpack_from(stored_key, 1)[0])[0]
     if tag in (TAG_TUPLE, TAG_FROZENSET):
-        (count,) = _LENGTH.unpack_from(stored_key, 1)
-        position = 1 + _LENGTH.size
-        parts = []
-        for _ in range(count):
-            (length,) = _LENGTH.unpack_from(stored_key, position)
-            position += _LENGTH.size
-            parts.append(match_key_of(stored_key[position : position + length]))
-            position += length
+        parts = [match_key_of(item) for item in _items(stored_key)[0]]
         return _join(tag, parts if tag == TAG_TUPLE else sorted(parts))
     return stored_key
+
+
+def _items(data: bytes) -> tuple[list[bytes], int]:
+    """Return the encodings of the items of a tuple or frozenset key, and the position after the last.
+
+    A position past the end of ``data`` means that the last item was cut short.
+    """
+    (count,) = _LENGTH.unpack_from(data, 1)
+    position = 1 + _LENGTH.size
+    items = []
+    for _ in range(count):
+        (length,) = _LENGTH.unpack_from(data, position)
+        position += _LENGTH.size
+        items.append(data[position : position + length])
+        position += length
+    return items, position
 
 
 def checked_match_key(data: bytes, depth: int = 0) -> bytes:
@@ -164,8 +173,8 @@ def checked_match_key(data: bytes, depth: int = 0) -> bytes:
     ``match_key_of`` trusts its input. A key from a file written by hand must also use
     known tags, have no bytes left over, write each int in its shortest form and contain
     no item twice in a frozenset. Otherwise it decodes to a key whose own match key
-    differs, which a get never finds and a put stores a second time. Pickled keys are taken as
-    they are, since checking them would mean unpickling them.
+    differs, which a get never finds and a put stores a second time. Pickled keys are
+    taken as they are, since checking them would mean unpickling them.
 
     Raises ``ValueError`` (or ``struct.error`` for a truncated length) naming the fault.
     """
@@ -190,23 +199,17 @@ def checked_match_key(data: bytes, depth: int = 0) -> bytes:
     if tag in (TAG_TUPLE, TAG_FROZENSET):
         if depth == MAX_KEY_DEPTH:
             raise KeyTooDeep(f"the key nests tuples or frozensets more than {MAX_KEY_DEPTH} levels deep")
-        (count,) = _LENGTH.unpack_from(data, 1)
-        position = 1 + _LENGTH.size
-        parts = []
-        for _ in range(count):
-            (length,) = _LENGTH.unpack_from(data, position)
-            position += _LENGTH.size
-            if position + length > len(data):
-                raise ValueError("an item of a tuple or frozenset runs past the end of the key")
-            parts.append(checked_match_key(data[position : position + length], depth + 1))
-            position += length
-        if position != len(data):
-            raise ValueError(f"{len(data) - position} bytes follow the last item of a tuple or frozenset")
+        items, end = _items(data)
+        if end > len(data):
+            raise ValueError("an item of a tuple or frozenset runs past the end of the key")
+        if end < len(data):
+            raise ValueError(f"{len(data) - end} bytes follow the last item of a tuple or frozenset")
+        parts = [checked_match_key(item, depth + 1) for item in items]
         if tag == TAG_FROZENSET:
             parts.sort()
             # Distinct NaN objects are unequal, so a frozenset may contain two NaNs, and nothing else twice.
             if any(first == second and _CANONICAL_NAN not in first for first, second in zip(parts, parts[1:])):
-                raise ValueError("a frozenset holds equal items twice")
+                raise ValueError("a frozenset contains the same item twice")
         return _join(tag, parts)
     raise ValueError(f"unknown type tag {tag!r}")
 
