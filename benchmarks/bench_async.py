@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import Latencies
-from benchmarks.report import describe_load, describe_machine, git_commit, machine, versions
+from benchmarks.report import measure_in_scratch, print_environment, write_json
 from benchmarks.servers import SharedictServer
 from sharedict import Dict
 from sharedict.api.config import Settings
@@ -228,29 +225,13 @@ def print_results(results: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
-    root = tempfile.mkdtemp(prefix="bench-async-", dir=arguments.tmp_dir)
-    try:
-        environment = {"machine": machine(root)}
-        results = run(arguments, root)
-        environment["machine"]["load_average_at_end"] = os.getloadavg()
-        environment.update(
-            {
-                "versions": versions(),
-                "commit": git_commit(),
-                "command": ["python", "-m", "benchmarks.bench_async", *(sys.argv[1:] if argv is None else argv)],
-                "arguments": vars(arguments),
-            }
-        )
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    results, environment = measure_in_scratch("bench_async", argv, arguments.tmp_dir, lambda root: run(arguments, root))
+    environment["arguments"] = vars(arguments)
 
     print_results(results)
-    print(f"machine: {describe_machine(environment['machine'])}")
-    print(f"load average (1, 5, 15 min): {describe_load(environment['machine'])}")
-    print(f"python {environment['versions']['python']}, commit {environment['commit']}")
+    print_environment(environment)
     if arguments.json:
-        with open(arguments.json, "w") as output:
-            json.dump({**results, **environment}, output, indent=2)
+        write_json(arguments.json, {**results, **environment})
     return 0 if results["goal_met"] else 1
 
 

@@ -22,7 +22,6 @@ Every figure is the p50 and p99 of ``--count`` calls, in microseconds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -36,7 +35,7 @@ from typing import Any
 import lmdb
 
 from benchmarks.measure import Latencies
-from benchmarks.report import describe_load, describe_machine, git_commit, machine, versions
+from benchmarks.report import measure_in_scratch, print_environment, write_json
 from benchmarks.servers import SharedictServer
 from sharedict import Dict
 from sharedict.api.config import Settings
@@ -181,32 +180,15 @@ def run(arguments: argparse.Namespace, root: str) -> dict[str, dict[str, float]]
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
-    root = tempfile.mkdtemp(prefix="bench-floors-", dir=arguments.tmp_dir)
-    try:
-        document: dict[str, Any] = {"machine": machine(root)}
-        document["floors"] = run(arguments, root)
-        document["machine"]["load_average_at_end"] = os.getloadavg()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    document.update(
-        {
-            "count": arguments.count,
-            "versions": versions(),
-            "commit": git_commit(),
-            "command": ["python", "-m", "benchmarks.bench_floors", *(sys.argv[1:] if argv is None else argv)],
-        }
-    )
+    floors, environment = measure_in_scratch("bench_floors", argv, arguments.tmp_dir, lambda root: run(arguments, root))
 
-    width = max(map(len, document["floors"]))
+    width = max(map(len, floors))
     print(f"{'step':<{width}}  {'p50 (µs)':>9}  {'p99 (µs)':>9}")
-    for step, figures in document["floors"].items():
+    for step, figures in floors.items():
         print(f"{step:<{width}}  {figures['p50_us']:>9,.1f}  {figures['p99_us']:>9,.1f}")
-    print(f"machine: {describe_machine(document['machine'])}")
-    print(f"load average (1, 5, 15 min): {describe_load(document['machine'])}")
-    print(f"python {document['versions']['python']}, commit {document['commit']}")
+    print_environment(environment)
     if arguments.json:
-        with open(arguments.json, "w") as output:
-            json.dump(document, output, indent=2)
+        write_json(arguments.json, {"floors": floors, "count": arguments.count, **environment})
     return 0
 
 

@@ -24,12 +24,8 @@ progress, so all phases carry the same extra load.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -37,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.measure import Latencies
-from benchmarks.report import describe_load, describe_machine, git_commit, machine, versions
+from benchmarks.report import measure_in_scratch, print_environment, write_json
 from benchmarks.servers import SharedictServer
 from sharedict import Dict
 from sharedict.api import protocol
@@ -318,27 +314,12 @@ def print_results(results: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
-    root = tempfile.mkdtemp(prefix="bench-sweep-", dir=arguments.tmp_dir)
-    try:
-        machine_facts = machine(root)
-        results = run(arguments, root)
-        machine_facts["load_average_at_end"] = os.getloadavg()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    environment = {
-        "machine": machine_facts,
-        "versions": versions(),
-        "commit": git_commit(),
-        "command": ["python", "-m", "benchmarks.bench_sweep", *(sys.argv[1:] if argv is None else argv)],
-    }
+    results, environment = measure_in_scratch("bench_sweep", argv, arguments.tmp_dir, lambda root: run(arguments, root))
 
     print_results(results)
-    print(f"machine: {describe_machine(machine_facts)}")
-    print(f"load average (1, 5, 15 min): {describe_load(machine_facts)}")
-    print(f"python {environment['versions']['python']}, lmdb {environment['versions']['liblmdb']}, commit {environment['commit']}")
+    print_environment(environment)
     if arguments.json:
-        with open(arguments.json, "w") as output:
-            json.dump({**results, **environment}, output, indent=2)
+        write_json(arguments.json, {**results, **environment})
     return 0 if results["goal_met"] else 1
 
 

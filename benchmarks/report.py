@@ -7,14 +7,18 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from benchmarks.results import GoalOutcome, Result
+
+Measured = TypeVar("Measured")
 
 LIBRARIES = ("sharedict", "lmdb", "msgpack", "cloudpickle", "diskcache", "sqlitedict", "redis", "hiredis", "matplotlib")
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -250,6 +254,38 @@ def describe_load(machine_facts: dict[str, Any]) -> str:
         f"at the start {_load(machine_facts['load_average_at_start'])}, "
         f"at the end {_load(machine_facts.get('load_average_at_end'))}"
     )
+
+
+def measure_in_scratch(
+    program: str, argv: Sequence[str] | None, tmp_dir: str | None, measure: Callable[[str], Measured]
+) -> tuple[Measured, dict[str, Any]]:
+    """Run ``measure(root)`` in a scratch directory, removed afterwards; return its result and the run's environment.
+
+    The environment contains the machine with its load averages before and after,
+    the versions, the commit and the command of ``python -m benchmarks.PROGRAM``.
+    """
+    root = tempfile.mkdtemp(prefix=f"{program.replace('_', '-')}-", dir=tmp_dir)
+    try:
+        machine_facts = machine(root)
+        result = measure(root)
+        machine_facts["load_average_at_end"] = os.getloadavg()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return result, {
+        "machine": machine_facts,
+        "versions": versions(),
+        "commit": git_commit(),
+        "command": ["python", "-m", f"benchmarks.{program}", *(sys.argv[1:] if argv is None else argv)],
+    }
+
+
+def print_environment(environment: dict[str, Any]) -> None:
+    """Print the machine, the load averages, the Python and LMDB versions and the commit of a run."""
+    machine_facts = environment["machine"]
+    found = environment["versions"]
+    print(f"machine: {describe_machine(machine_facts)}")
+    print(f"load average (1, 5, 15 min): {describe_load(machine_facts)}")
+    print(f"python {found['python']}, lmdb {found['liblmdb']}, commit {environment['commit']}")
 
 
 def _load(averages: Sequence[float] | None) -> str:
