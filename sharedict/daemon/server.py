@@ -264,7 +264,9 @@ class Server:
                     logger.info("closing connection %d: its process %d has exited", conn.id, conn.pid)
                     conn.disconnect()
             if exited:
-                self._delete_ephemeral_dicts(lambda owner_pid: owner_pid in exited)
+                # The writer runs the check later, after the next pass may have rebound
+                # ``exited``, so the check keeps this pass's set.
+                self._delete_ephemeral_dicts(exited.__contains__)
 
     def reap_ephemeral_dicts(self) -> None:
         """Delete the ephemeral dicts of processes that have gone away."""
