@@ -522,7 +522,7 @@ def test_aio_call_pending_at_loop_end_is_cancelled(daemon, kv: Dict, caplog: pyt
 
     async def main() -> None:
         await kv.get.aio("k")  # opens the connection
-        # A stopped daemon answers nothing, so the loop ends while the call is in flight.
+        # A stopped daemon sends no reply, so the loop ends while the call is in flight.
         os.kill(daemon.process.pid, signal.SIGSTOP)
         wait_until(lambda: process_state(daemon.process.pid) == "T", "the daemon is stopped")
         calls.append(asyncio.ensure_future(kv.get.aio("k")))

@@ -714,7 +714,7 @@ def test_export_stopped_by_sigterm_leaves_nothing(daemon, name, child_env, tmp_p
         stderr=subprocess.PIPE,
         text=True,
     )
-    # Once the partial file exists, pausing the daemon holds the export inside its scan.
+    # Once the partial file exists, pausing the daemon keeps the export waiting inside its scan.
     assert wait_until(lambda: any(tmp_path.glob(".backup.sdx.*.partial")))
     os.kill(daemon.process.pid, signal.SIGSTOP)
     try:

@@ -638,7 +638,7 @@ def test_pipelined_writes_over_limit_all_stored(daemon):
 
     assert [reply[1] for reply in replies] == [protocol.STATUS_OK] * 49
     assert len(handle) == 48
-    # At most 256 MiB of writes wait, one batch of them sits in LMDB's dirty pages while
-    # it commits, and one frame is being read: less than the 768 MiB sent, which a daemon
-    # without flow control would hold on top of its dirty pages.
+    # At most 256 MiB of writes wait, one batch of them is in LMDB's dirty pages while it
+    # commits, and one frame is being read. That is less than the 768 MiB sent, which a
+    # daemon without flow control would keep in memory on top of its dirty pages.
     assert memory.growth() < 700 * MiB

@@ -128,7 +128,7 @@ def export_command(name: str, file: str, environment_name: str) -> None:
 
 
 @contextlib.contextmanager
-def _terminated_as_error(what: str) -> Iterator[None]:
+def _terminated_as_error(action: str) -> Iterator[None]:
     """Turn SIGTERM into a ``CommandError`` inside the block, so that cleanup code runs.
 
     Python ends a process at SIGTERM without running ``finally`` blocks, which would leave
@@ -136,7 +136,7 @@ def _terminated_as_error(what: str) -> Iterator[None]:
     """
 
     def stop(signum: int, frame: Any) -> None:
-        raise CommandError(f"{what} by SIGTERM; the file was left as it was")
+        raise CommandError(f"{action} by SIGTERM; the file was left as it was")
 
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may set a signal handler

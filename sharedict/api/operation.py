@@ -4,8 +4,9 @@ An operation is a generator function. It yields a ``Request`` whenever it needs 
 daemon and receives the result (or has the error thrown in); an iterating operation also
 yields ``Items``, a batch of the items that its caller iterates over, with the read to
 send meanwhile.
+
 The blocking driver sends requests through a ``Client``'s blocking pool, the async driver
-through the event loop's connection, and neither knows what the operation does.
+through the event loop's connection, and neither depends on what the operation does.
 
     class Dict:
         @operation

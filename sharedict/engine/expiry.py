@@ -5,7 +5,7 @@ daemon. A write that adds an entry records its time exactly. Reads, and writes t
 entry that exists, record theirs at most once per *recording granularity* (1% of
 ``expire_after``), so that steady reads do not become one disk write each and an
 overwrite changes only the value. Activity in between records nothing. The entry then
-expires one granularity later than its recorded access alone would say, so that no
+expires one granularity later than its recorded access alone would give, so that no
 activity ends its life early. An entry therefore expires between ``expire_after`` and
 ``expire_after`` plus 1% after its last activity.
 

@@ -694,7 +694,7 @@ class Store:
 
 
 class ReadTransaction:
-    """A read transaction that holds the resize gate while it is open."""
+    """A read transaction that stays inside the resize gate while it is open."""
 
     __slots__ = ("_store", "_gate", "_txn")
 
