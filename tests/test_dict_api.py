@@ -194,6 +194,47 @@ def test_from_id_message_names_dict(daemon):
     assert "ephemeral" not in str(caught.value)
 
 
+def test_from_id_message_names_dict_after_lookup(daemon):
+    d = fresh_dict()
+    same = Dict.from_id(d.object_id)
+    same.len()  # the lookup teaches the handle its name
+    with pytest.raises(SerializationError) as caught:
+        same["key"] = threading.Lock()
+    assert f"dict {d.name!r}" in str(caught.value)
+
+
+class RecordingClient(Client):
+    """A client that records the operation of every request it sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def call(self, request: Request) -> Any:
+        self.ops.append(request.op)
+        return super().call(request)
+
+
+def test_first_calls_send_one_lookup_then_one_request_each(daemon):
+    name = fresh_dict().name
+    client = RecordingClient()
+    d = Dict.from_name(name, client=client)
+    assert d.info().name == name
+    assert d.get("missing") is None
+    d["key"] = "value"
+    assert d.info().name == name
+    assert client.ops == [protocol.DICT_OPEN, protocol.GET, protocol.PUT]
+
+
+def test_first_call_of_from_id_handle_looks_up_by_id(daemon):
+    d = fresh_dict()
+    client = RecordingClient()
+    same = Dict.from_id(d.object_id, client=client)
+    assert "key" not in same
+    assert same.info().name == d.name
+    assert client.ops == [protocol.DICT_BY_ID, protocol.CONTAINS]
+
+
 @pytest.mark.parametrize("dict_id", ["", "di-", "di-xyz", "abc-0123456789abcdef", "di-0123456789abcdeg"])
 def test_from_id_invalid_raises(daemon, dict_id):
     with pytest.raises(InvalidError, match="invalid dict id"):

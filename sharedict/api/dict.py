@@ -303,6 +303,7 @@ class Dict:
     @operation
     def info(self) -> Generator[Request, Any, DictInfo]:
         """Return the dict's name, creation time (an aware datetime) and creating OS user."""
+        yield from self._hydrated()  # a lookup by name brings the facts along
         if self._info is None:
             self._apply_record((yield from self._request(protocol.DICT_BY_ID)))
         return self._info
