@@ -800,6 +800,7 @@ def test_broken_connection_fails_writes_and_retries_reads(daemon, kv: Dict) -> N
 
     write_results, read_results = asyncio.run(main())
     assert all(isinstance(result, ConnectionLostError) for result in write_results), write_results
+    assert all(str(result).startswith(f"dict {kv.name!r}: the connection") for result in write_results), write_results
     assert read_results == ["value"] * 10
     assert [key for key in kv.keys() if key.startswith("w-")] == []
 

@@ -40,8 +40,8 @@ import msgpack
 
 from sharedict.api import protocol
 from sharedict.api.autostart import no_daemon_error, start_daemon
-from sharedict.api.errors import ConnectionLostError, DaemonUnavailableError, ProtocolError, error_from_code
-from sharedict.api.transport import Client, Request, check_daemon_user
+from sharedict.api.errors import DaemonUnavailableError, ProtocolError, error_from_code
+from sharedict.api.transport import Client, Request, check_daemon_user, lost_write_error
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +103,6 @@ class _ReplyFuture(asyncio.Future):  # type: ignore[type-arg]
             self.cancel()
         else:
             self.set_exception(error)
-
-
-def lost_write_error(request: Request) -> ConnectionLostError:
-    return ConnectionLostError(
-        f"the connection to the daemon broke after {request.op} was sent; the write may or may "
-        "not have been applied, so read the entry to find out"
-    )
 
 
 class AsyncConnection(asyncio.Protocol):

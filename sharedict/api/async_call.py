@@ -33,9 +33,9 @@ from collections.abc import Coroutine, Generator
 from typing import Any
 
 from sharedict.api import protocol
-from sharedict.api.aio import ATTEMPTS, AsyncConnection, NotSent, ReplyLost, call_async, lost_write_error, open_connection
+from sharedict.api.aio import ATTEMPTS, AsyncConnection, NotSent, ReplyLost, call_async, open_connection
 from sharedict.api.errors import error_from_code
-from sharedict.api.transport import Client, Request
+from sharedict.api.transport import Client, Request, lost_write_error
 
 OperationBody = Generator[Any, Any, Any]
 

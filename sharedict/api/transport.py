@@ -63,6 +63,14 @@ class Request:
         return f"Request({self.op!r})"
 
 
+def lost_write_error(request: Request) -> ConnectionLostError:
+    """The error of a write whose connection broke after it was sent."""
+    return ConnectionLostError(
+        f"the connection to the daemon broke after {request.op} was sent; the write may or may "
+        "not have been applied, so read the entry to find out"
+    )
+
+
 class _NotSent(Exception):
     """The request did not leave this process: safe to send again on a new connection."""
 
@@ -249,10 +257,7 @@ class Client:
             except _ReplyLost:
                 self.close()
                 if request.write:
-                    raise ConnectionLostError(
-                        f"the connection to the daemon broke after {request.op} was sent; the write may or may "
-                        "not have been applied, so read the entry to find out"
-                    ) from None
+                    raise lost_write_error(request) from None
                 continue
             except BaseException:
                 # An error reply read whole leaves the connection clean, so it is kept:
