@@ -13,7 +13,10 @@ the same disk, it times the steps a request cannot avoid, beside sharedict itsel
   tables an insert changes (entries, insertion order, last access, counts).
 - ``socket round trip``: 50 bytes to a Python process that sends them back over a Unix
   socket, with a thread blocked in ``recv`` on each side, as sharedict's daemon and
-  client do.
+  client do. It is timed on the CPUs that the scheduler picks, then with both processes
+  pinned to one CPU, and to two different CPUs (when the machine has two). On a VM the
+  two differ several times over: a wake-up that crosses CPUs may have to wake an idle
+  virtual CPU.
 - ``sharedict put`` and ``sharedict get``: the same 100-byte value through a daemon.
 
 Every figure is the p50 and p99 of ``--count`` calls, in microseconds.
@@ -125,12 +128,18 @@ def store_commit(root: str, count: int) -> Latencies:
         store.close()
 
 
-def socket_round_trip(root: str, count: int) -> Latencies:
+def socket_round_trip(count: int, placement: tuple[set[int], set[int]] | None = None) -> Latencies:
+    """Time round trips to an echo process; ``placement`` pins the echo process and this thread to CPUs."""
     path = os.path.join(tempfile.mkdtemp(prefix="floor-", dir="/tmp"), "echo.sock")
     server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, path], stdout=subprocess.PIPE)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    allowed = os.sched_getaffinity(0)
     try:
         server.stdout.read()  # returns once the server has closed its stdout, after listen()
+        if placement is not None:
+            server_cpus, client_cpus = placement
+            os.sched_setaffinity(server.pid, server_cpus)
+            os.sched_setaffinity(0, client_cpus)  # this thread only
         client.connect(path)
 
         def round_trip(_: int) -> None:
@@ -141,6 +150,7 @@ def socket_round_trip(root: str, count: int) -> Latencies:
 
         return timed(count, round_trip)
     finally:
+        os.sched_setaffinity(0, allowed)
         client.close()
         server.wait()
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
@@ -168,14 +178,19 @@ def summary(latencies: Latencies) -> dict[str, float]:
 def run(arguments: argparse.Namespace, root: str) -> dict[str, dict[str, float]]:
     count = arguments.count
     puts, gets = sharedict_calls(root, count)
-    return {
+    floors = {
         "append + fdatasync": summary(append_fdatasync(root, count)),
         "LMDB commit, 1 table": summary(lmdb_commit(root, count)),
         "LMDB commit, sharedict layout": summary(store_commit(root, count)),
-        "socket round trip": summary(socket_round_trip(root, count)),
-        "sharedict put": summary(puts),
-        "sharedict get": summary(gets),
+        "socket round trip": summary(socket_round_trip(count)),
     }
+    cpus = sorted(os.sched_getaffinity(0))
+    floors["socket round trip, one CPU"] = summary(socket_round_trip(count, ({cpus[0]}, {cpus[0]})))
+    if len(cpus) > 1:
+        floors["socket round trip, two CPUs"] = summary(socket_round_trip(count, ({cpus[0]}, {cpus[1]})))
+    floors["sharedict put"] = summary(puts)
+    floors["sharedict get"] = summary(gets)
+    return floors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
