@@ -194,7 +194,7 @@ def test_from_id_message_names_dict(daemon):
     assert "ephemeral" not in str(caught.value)
 
 
-def test_from_id_message_names_dict_after_lookup(daemon):
+def test_from_id_message_after_lookup(daemon):
     d = fresh_dict()
     same = Dict.from_id(d.object_id)
     same.len()  # the lookup teaches the handle its name
@@ -215,7 +215,7 @@ class RecordingClient(Client):
         return super().call(request)
 
 
-def test_first_calls_send_one_lookup_then_one_request_each(daemon):
+def test_first_calls_look_up_once(daemon):
     name = fresh_dict().name
     client = RecordingClient()
     d = Dict.from_name(name, client=client)
@@ -226,7 +226,7 @@ def test_first_calls_send_one_lookup_then_one_request_each(daemon):
     assert client.ops == [protocol.DICT_OPEN, protocol.GET, protocol.PUT]
 
 
-def test_first_call_of_from_id_handle_looks_up_by_id(daemon):
+def test_from_id_looks_up_by_id(daemon):
     d = fresh_dict()
     client = RecordingClient()
     same = Dict.from_id(d.object_id, client=client)

@@ -219,7 +219,7 @@ class Dict:
     def _request(self, op: str, *args: Any, key: Any = _NO_KEY, write: bool = False) -> Generator[Request, Any, Any]:
         """Send ``op`` about this dict and return its result.
 
-        The request holds the dict's id, then the match key of ``key`` when one is given,
+        The request contains the dict's id, then the match key of ``key`` when one is given,
         then ``args``. The key is encoded first, so that a bad key sends nothing, and the
         dict is looked up next if this handle has not done it yet. A dict deleted since
         the lookup raises ``NotFoundError``, and a lost connection's ``ConnectionLostError``

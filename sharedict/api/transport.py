@@ -64,7 +64,7 @@ class Request:
 
 
 def lost_write_error(request: Request) -> ConnectionLostError:
-    """The error of a write whose connection broke after it was sent."""
+    """Return the error for a write whose connection broke after it was sent."""
     return ConnectionLostError(
         f"the connection to the daemon broke after {request.op} was sent; the write may or may "
         "not have been applied, so read the entry to find out"
