@@ -13,11 +13,13 @@ the same disk, it times the steps a request cannot avoid, beside sharedict itsel
   tables an insert changes (entries, insertion order, last access, counts).
 - ``socket round trip``: 50 bytes to a Python process that sends them back over a Unix
   socket, with a thread blocked in ``recv`` on each side, as sharedict's daemon and
-  client do. It is timed on the CPUs that the scheduler picks, then with both processes
-  pinned to one CPU, and to two different CPUs (when the machine has two). On a VM the
-  two differ several times over: a wake-up that crosses CPUs may have to wake an idle
-  virtual CPU.
+  client do.
 - ``sharedict put`` and ``sharedict get``: the same 100-byte value through a daemon.
+
+The round trips and the gets are timed three ways: on the CPUs that the scheduler
+picks, with both processes pinned to one CPU, and pinned to two different CPUs (when the
+machine has two). On a VM the last two differ several times over, because a wake-up that
+crosses CPUs may have to wake an idle virtual CPU.
 
 Every figure is the p50 and p99 of ``--count`` calls, in microseconds.
 """
@@ -25,6 +27,7 @@ Every figure is the p50 and p99 of ``--count`` calls, in microseconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -32,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lmdb
@@ -128,18 +131,51 @@ def store_commit(root: str, count: int) -> Latencies:
         store.close()
 
 
-def socket_round_trip(count: int, placement: tuple[set[int], set[int]] | None = None) -> Latencies:
-    """Time round trips to an echo process; ``placement`` pins the echo process and this thread to CPUs."""
+Placement = tuple[set[int], set[int]]
+"""The CPUs of a server's threads and of the calling thread."""
+
+
+def placements() -> dict[str, Placement | None]:
+    """Return the placements to time round trips under, by the suffix of their step's name.
+
+    None leaves the processes where the scheduler puts them.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    result: dict[str, Placement | None] = {"": None, ", one CPU": ({cpus[0]}, {cpus[0]})}
+    if len(cpus) > 1:
+        result[", two CPUs"] = ({cpus[0]}, {cpus[1]})
+    return result
+
+
+@contextlib.contextmanager
+def pinned(server_pid: int, placement: Placement | None) -> Iterator[None]:
+    """Pin every thread of process ``server_pid``, and the calling thread, as ``placement`` says."""
+    if placement is None:
+        yield
+        return
+    server_cpus, client_cpus = placement
+    allowed = os.sched_getaffinity(0)
+    server_allowed = os.sched_getaffinity(server_pid)
+    threads = [int(thread) for thread in os.listdir(f"/proc/{server_pid}/task")]
+    for thread in threads:
+        os.sched_setaffinity(thread, server_cpus)
+    os.sched_setaffinity(0, client_cpus)  # the calling thread only
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
+        for thread in threads:
+            with contextlib.suppress(ProcessLookupError):  # a thread that has ended since
+                os.sched_setaffinity(thread, server_allowed)
+
+
+def socket_round_trips(count: int) -> dict[str, Latencies]:
+    """Time round trips to an echo process under each placement."""
     path = os.path.join(tempfile.mkdtemp(prefix="floor-", dir="/tmp"), "echo.sock")
     server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, path], stdout=subprocess.PIPE)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    allowed = os.sched_getaffinity(0)
     try:
         server.stdout.read()  # returns once the server has closed its stdout, after listen()
-        if placement is not None:
-            server_cpus, client_cpus = placement
-            os.sched_setaffinity(server.pid, server_cpus)
-            os.sched_setaffinity(0, client_cpus)  # this thread only
         client.connect(path)
 
         def round_trip(_: int) -> None:
@@ -148,24 +184,30 @@ def socket_round_trip(count: int, placement: tuple[set[int], set[int]] | None = 
             while received < len(MESSAGE):
                 received += len(client.recv(65536))
 
-        return timed(count, round_trip)
+        results = {}
+        for suffix, placement in placements().items():
+            with pinned(server.pid, placement):
+                results[f"socket round trip{suffix}"] = timed(count, round_trip)
+        return results
     finally:
-        os.sched_setaffinity(0, allowed)
         client.close()
         server.wait()
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
-def sharedict_calls(root: str, count: int) -> tuple[Latencies, Latencies]:
+def sharedict_calls(root: str, count: int) -> dict[str, Latencies]:
+    """Time puts of new keys, then gets of them under each placement."""
     daemon = SharedictServer(root)
     daemon.start()
     client = Client(Settings(socket_path=daemon.socket_path, data_dir=daemon.data_dir, autostart=False))
     try:
         floor = Dict.from_name("floor", create_if_missing=True, client=client)
         value = VALUE.decode()
-        puts = timed(count, lambda index: floor.put(f"key-{index}", value))
-        gets = timed(count, lambda index: floor.get(f"key-{index}"))
-        return puts, gets
+        results = {"sharedict put": timed(count, lambda index: floor.put(f"key-{index}", value))}
+        for suffix, placement in placements().items():
+            with pinned(daemon.pid, placement):
+                results[f"sharedict get{suffix}"] = timed(count, lambda index: floor.get(f"key-{index}"))
+        return results
     finally:
         client.close()
         daemon.stop()
@@ -177,20 +219,15 @@ def summary(latencies: Latencies) -> dict[str, float]:
 
 def run(arguments: argparse.Namespace, root: str) -> dict[str, dict[str, float]]:
     count = arguments.count
-    puts, gets = sharedict_calls(root, count)
-    floors = {
-        "append + fdatasync": summary(append_fdatasync(root, count)),
-        "LMDB commit, 1 table": summary(lmdb_commit(root, count)),
-        "LMDB commit, sharedict layout": summary(store_commit(root, count)),
-        "socket round trip": summary(socket_round_trip(count)),
+    calls = sharedict_calls(root, count)
+    steps = {
+        "append + fdatasync": append_fdatasync(root, count),
+        "LMDB commit, 1 table": lmdb_commit(root, count),
+        "LMDB commit, sharedict layout": store_commit(root, count),
+        **socket_round_trips(count),
+        **calls,
     }
-    cpus = sorted(os.sched_getaffinity(0))
-    floors["socket round trip, one CPU"] = summary(socket_round_trip(count, ({cpus[0]}, {cpus[0]})))
-    if len(cpus) > 1:
-        floors["socket round trip, two CPUs"] = summary(socket_round_trip(count, ({cpus[0]}, {cpus[1]})))
-    floors["sharedict put"] = summary(puts)
-    floors["sharedict get"] = summary(gets)
-    return floors
+    return {step: summary(latencies) for step, latencies in steps.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
