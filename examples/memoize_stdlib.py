@@ -1,7 +1,8 @@
 """Count the tokens of every Python file of the standard library, memoized in a shared dict.
 
 A pool of worker processes tokenizes the files. Each worker looks a file up in the dict
-under ``(path, SHA-256 of its content)`` and tokenizes it only when the dict has no
+under ``(path under the root, SHA-256 of its content)``, such as
+``("asyncio/tasks.py", "3f9a...")``, and tokenizes it only when the dict has no
 result for it yet. It then stores the result, for every later run and every other
 process. A second run therefore reads every result from the dict instead of computing
 it. A file whose content changes gets a new key, and the old entry expires after 7 days
@@ -34,8 +35,9 @@ DEFAULT_DICT = "stdlib-tokens"
 # systems; they are not part of the standard library.
 SKIPPED_DIRECTORIES = frozenset({"site-packages", "dist-packages"})
 
-# The dict of the worker process, set by the pool's initializer.
+# The dict and the root directory of the worker process, set by the pool's initializer.
 cache: Dict | None = None
+root = ""
 
 
 @dataclass
@@ -75,17 +77,19 @@ def count_tokens(source: bytes) -> dict[str, object]:
     return {"tokens": tokens, "error": None}
 
 
-def open_cache(shared: Dict) -> None:
-    """Keep the dict handle that the parent passed to this worker process."""
-    global cache
+def open_cache(shared: Dict, files_root: str) -> None:
+    """Keep the dict handle and the root directory that the parent passed to this worker process."""
+    global cache, root
     cache = shared
+    root = files_root
 
 
 def process_file(path: str) -> tuple[bool, dict[str, object]]:
     """Return (whether the result was reused, the result) for one file; runs in a worker."""
     with open(path, "rb") as file:
         source = file.read()
-    key = (path, hashlib.sha256(source).hexdigest())
+    # The path under the root keeps keys short enough to read in `sharedict items`.
+    key = (os.path.relpath(path, root), hashlib.sha256(source).hexdigest())
 
     result = cache.get(key)
     if result is not None:
@@ -96,7 +100,7 @@ def process_file(path: str) -> tuple[bool, dict[str, object]]:
     return False, result
 
 
-def run_once(shared: Dict, paths: list[str], workers: int) -> RunSummary:
+def run_once(shared: Dict, root_directory: str, paths: list[str], workers: int) -> RunSummary:
     """Process every file in a fresh pool of workers and sum up the results."""
     summary = RunSummary()
     started = time.perf_counter()
@@ -104,7 +108,7 @@ def run_once(shared: Dict, paths: list[str], workers: int) -> RunSummary:
     # Spawned workers are fresh interpreters that share nothing with this process but the
     # dict. The handle travels to them pickled, as a reference to the dict.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=open_cache, initargs=(shared,)) as pool:
+    with context.Pool(workers, initializer=open_cache, initargs=(shared, root_directory)) as pool:
         for reused, result in pool.imap_unordered(process_file, paths, chunksize=8):
             if reused:
                 summary.reused += 1
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
 
     summaries = []
     for number in range(1, args.runs + 1):
-        summary = run_once(shared, paths, args.workers)
+        summary = run_once(shared, args.root, paths, args.workers)
         summaries.append(summary)
         print(
             f"run {number}: {summary.computed:,} computed, {summary.reused:,} reused, "

@@ -131,6 +131,33 @@ def run_on_terminal(args: list[str], env: dict[str, str], answer: bytes) -> subp
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
+def run_with_terminal_output(args: list[str], env: dict[str, str]) -> str:
+    """Run the CLI with a pseudo-terminal as stdout, and return what it printed there."""
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sharedict", *args], env=env, stdout=terminal, stderr=subprocess.PIPE
+        )
+        os.close(terminal)
+        terminal = -1
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the child has closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        process.wait(timeout=CHILD_TIMEOUT)
+    finally:
+        os.close(controller)
+        if terminal != -1:
+            os.close(terminal)
+    assert process.returncode == 0, process.stderr.read() if process.stderr else ""
+    return b"".join(chunks).decode()
+
+
 class BrokenStr:
     """A value whose ``str()`` raises, as a buggy class of a user's program may."""
 
@@ -378,6 +405,29 @@ def test_items_value_cut_to_one_line(run, name):
     rows = out.splitlines()[2:]
     assert rows[0].split(None, 1)[1] == "first\\nsecond\\tthird\\x1b[31m"
     assert rows[1].split(None, 1)[1] == "x" * 80 + "..."
+
+
+LONG_PREFIX = "/home/user/projects/" * 3
+
+
+def test_items_long_keys_in_pipe(run, name):
+    keys = [LONG_PREFIX + "alpha.py", LONG_PREFIX + "beta.py"]
+    Dict.from_name(name, create_if_missing=True).update({key: 1 for key in keys})
+    _, out, _ = run("items", name)
+    rows = out.splitlines()[2:]
+    assert rows[0].split()[0] == keys[0]
+    assert rows[1].split()[0] == keys[1]
+
+
+def test_items_long_keys_on_terminal(daemon, name, child_env):
+    Dict.from_name(name, create_if_missing=True).update({LONG_PREFIX + "alpha.py": 1, LONG_PREFIX + "beta.py": 2})
+    out = run_with_terminal_output(["items", name], {**child_env, "COLUMNS": "80"})
+    rows = out.splitlines()[2:]
+    assert rows[0].startswith("/home/user/")
+    assert "\u2026" in rows[0]
+    assert "alpha.py" in rows[0]
+    assert "beta.py" in rows[1]
+    assert all(len(row) <= 80 for row in rows)
 
 
 def test_items_broken_str_shown(run, name):

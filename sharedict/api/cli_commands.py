@@ -49,6 +49,8 @@ DEFAULT_ITEMS = 20
 # Rows of ``items`` that set the column widths and are then written at once; memory
 # stays bounded however many entries ``--all`` shows.
 TABLE_BATCH = 1000
+# On a terminal the key column takes at most this many columns, or half the terminal's
+# width when that is more. Into a pipe a key is cut only where every cell is.
 MAX_KEY_WIDTH = 40
 KEY_WIDTH_HEADROOM = 4
 COLUMN_GAP = "   "
@@ -267,6 +269,7 @@ def _print_items_table(entries: Iterable[tuple[Any, Any]], limit: int | None, us
     cut = False
     batch: list[tuple[str, str]] = []
     table: _ItemsTable | None = None
+    line_width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
     for entry in _limited(entries, limit):
         if entry is _MISSING:
             cut = True
@@ -276,11 +279,11 @@ def _print_items_table(entries: Iterable[tuple[Any, Any]], limit: int | None, us
         batch.append((cell_text(key, use_repr), cell_text(value, use_repr)))
         shown_count += 1
         if len(batch) == TABLE_BATCH:
-            table = table or _ItemsTable(batch, more_may_follow=True)
+            table = table or _ItemsTable(batch, more_may_follow=True, line_width=line_width)
             table.write_rows(batch)
             batch = []
     if batch:
-        table = table or _ItemsTable(batch, more_may_follow=False)
+        table = table or _ItemsTable(batch, more_may_follow=False, line_width=line_width)
         table.write_rows(batch)
     sys.stdout.flush()
     return shown_count, cut
@@ -294,28 +297,32 @@ class _ItemsTable:
     too slow for ``items --all`` on a large dict. Rows are padded and cropped with rich's
     cell-width functions, which line up wide characters too. The first batch of rows
     sets the column widths.
+
+    ``line_width`` is the terminal's width, or None for a pipe, which takes rows of any
+    length. On a terminal a row must not wrap, so a key wider than its column loses its
+    middle, where keys that share a long prefix (such as a directory) differ least.
     """
 
-    def __init__(self, first_batch: list[tuple[str, str]], *, more_may_follow: bool) -> None:
+    def __init__(self, first_batch: list[tuple[str, str]], *, more_may_follow: bool, line_width: int | None) -> None:
         longest_key = max(cell_len(key) for key, _ in first_batch)
         if more_may_follow:
             # Later keys tend to be a little longer, as "k999" is followed by "k1000".
             longest_key += KEY_WIDTH_HEADROOM
-        self.key_width = min(max(longest_key, len("Key")), MAX_KEY_WIDTH)
+        self.key_width = max(longest_key, len("Key"))
         value_width = max([cell_len(value) for _, value in first_batch] + [len("Value")])
 
-        # On a terminal a row must not wrap; a pipe takes rows of any length.
-        self.line_width: int | None = None
-        if sys.stdout.isatty():
-            self.line_width = shutil.get_terminal_size().columns
-            value_width = max(min(value_width, self.line_width - self.key_width - len(COLUMN_GAP)), len("Value"))
+        self.line_width = line_width
+        if line_width is not None:
+            key_limit = max(MAX_KEY_WIDTH, (line_width - len(COLUMN_GAP)) // 2)
+            self.key_width = min(self.key_width, key_limit)
+            value_width = max(min(value_width, line_width - self.key_width - len(COLUMN_GAP)), len("Value"))
 
         rule = "\u2500" * (self.key_width + len(COLUMN_GAP) + value_width)
         sys.stdout.write(f"{self._line('Key', 'Value')}\n{rule}\n")
 
     def _line(self, key: str, value: str) -> str:
-        if cell_len(key) > self.key_width:
-            key = set_cell_size(key, self.key_width - 1) + "\u2026"
+        if self.line_width is not None and cell_len(key) > self.key_width:
+            key = _cut_middle(key, self.key_width)
         line = set_cell_size(key, self.key_width) + COLUMN_GAP + value
         if self.line_width is not None and cell_len(line) > self.line_width:
             line = set_cell_size(line, self.line_width - 1) + "\u2026"
@@ -323,6 +330,15 @@ class _ItemsTable:
 
     def write_rows(self, rows: list[tuple[str, str]]) -> None:
         sys.stdout.write("".join(self._line(key, value) + "\n" for key, value in rows))
+
+
+def _cut_middle(text: str, width: int) -> str:
+    """Return ``text`` cut to ``width`` cells by replacing its middle with ``…``."""
+    tail_width = (width - 1) // 2
+    head = set_cell_size(text, width - 1 - tail_width)
+    # Cropping the reversed text keeps the last cells; reversing again restores their order.
+    tail = set_cell_size(text[::-1], tail_width)[::-1]
+    return head + "\u2026" + tail
 
 
 @click.command("clear")
