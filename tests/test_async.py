@@ -702,6 +702,17 @@ def test_awaited_async_iterator_names_async_for(kv: Dict) -> None:
         asyncio.run(main())
 
 
+def test_async_iterator_in_for_names_async_for(kv: Dict) -> None:
+    with pytest.raises(TypeError, match="async for"):
+        list(kv.items.aio())
+
+
+def test_unawaited_aio_warning_names_operation(kv: Dict) -> None:
+    with pytest.warns(RuntimeWarning, match="coroutine 'Dict.get.aio' was never awaited"):
+        kv.get.aio("key")  # outside a running loop: a coroutine, dropped at once
+        gc.collect()
+
+
 def test_async_iterator_aclose_ends_iteration(kv: Dict) -> None:
     kv.update({"a": 1, "b": 2})
 

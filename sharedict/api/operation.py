@@ -168,6 +168,13 @@ class AsyncItems:
             "or collect it with `[item async for item in d.items.aio()]`"
         )
 
+    def __iter__(self) -> Iterator[Any]:
+        # The same slip with a plain for loop, or list().
+        raise TypeError(
+            "an async iterator of a dict cannot be iterated with `for`; use `async for item in d.items.aio()` "
+            "in async code, or `for item in d.items()` in blocking code"
+        )
+
     async def __anext__(self) -> Any:
         body = self._body
         if body is None:
@@ -275,7 +282,10 @@ class BoundOperation:
         """
         loop = _get_running_loop()
         if loop is None:
-            return self._run_async(*args, **kwargs)
+            coroutine = self._run_async(*args, **kwargs)
+            # Python's warning about a coroutine that is never awaited names it by this.
+            coroutine.__qualname__ = f"{self._name}.aio"
+            return coroutine
         client = _client_of(self._instance, kwargs)
         return AsyncCall(loop, client, self._function(self._instance, *args, **kwargs))
 
