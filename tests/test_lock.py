@@ -219,6 +219,17 @@ def test_lease_expiry_grants_next_waiter(daemon):
     new.release()
 
 
+def test_lease_of_centuries_keeps_other_leases_running(daemon):
+    # A lease too long for Condition.wait() once stopped the daemon's timer thread, and
+    # with it every later lease and timeout.
+    forever = Lock.from_name("centuries", lease=1e10)
+    short = Lock.from_name("short", lease=0.5)
+    assert forever.acquire()
+    assert short.acquire()
+    assert Lock.from_name("short").acquire(timeout=WAIT_TIMEOUT) is True
+    assert Lock.from_name("centuries").acquire(timeout=0.2) is False
+
+
 def test_lost_lock_keeps_token_for_fencing(daemon):
     old = Lock.from_name("fence", lease=0.5)
     new = Lock.from_name("fence")

@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MAX_TIMER_WAIT = 3600.0
+"""Seconds at most that the timer thread sleeps before it looks at the deadlines again."""
+
 MAX_OWNER_SIZE = 64
 
 LockKey = tuple[str, str]  # (environment name, lock name)
@@ -376,7 +379,9 @@ class LockService:
                     except Exception:
                         # The thread must survive: every later lease depends on it.
                         logger.exception("handling a deadline of %s failed", _label(item.key))
-                timeout = self._deadlines[0][0] - now if self._deadlines else None
+                # A lease of centuries is valid, but Condition.wait() overflows on it, so
+                # the thread wakes at least hourly and looks again.
+                timeout = min(self._deadlines[0][0] - now, MAX_TIMER_WAIT) if self._deadlines else None
                 self._deadline_changed.wait(timeout)
 
     def _deadline_passed(self, item: _Hold | _Waiter) -> None:
