@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from sharedict import Dict, Lock, RequestSizeError
-from sharedict.api import protocol
+from sharedict.api import aio, protocol
 from sharedict.api.autostart import process_running
 from sharedict.api.cli import main
 from sharedict.api.transport import Request
@@ -91,8 +92,11 @@ def test_oversized_request_raises_request_size_error(daemon):
     scratch = Dict.from_name("big", create_if_missing=True, client=client)
     scratch.hydrate()
     huge = b"x" * (protocol.MAX_FRAME_SIZE + 1)
+    request = Request(protocol.PUT, bytes.fromhex(scratch.object_id[3:]), b"Sk", None, huge, False, write=True)
     with pytest.raises(RequestSizeError, match="limit of one request"):
-        client.call(Request(protocol.PUT, bytes.fromhex(scratch.object_id[3:]), b"Sk", None, huge, False, write=True))
+        client.call(request)
+    with pytest.raises(RequestSizeError, match="limit of one request"):
+        asyncio.run(aio.call_async(client, request))
     assert scratch.len() == 0
 
 

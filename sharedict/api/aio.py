@@ -41,7 +41,7 @@ import msgpack
 from sharedict.api import protocol
 from sharedict.api.autostart import no_daemon_error, start_daemon
 from sharedict.api.errors import DaemonUnavailableError, ProtocolError, error_from_code
-from sharedict.api.transport import Client, Request, check_daemon_user, lost_write_error
+from sharedict.api.transport import Client, Request, check_daemon_user, check_request_size, lost_write_error
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ class AsyncConnection(asyncio.Protocol):
     def send(self, request: Request, receiver: ReplyReceiver) -> int:
         """Queue a request whose reply goes to ``receiver``, and return its id.
 
-        Raises ``NotSent`` when the connection is closed. A connection that is closing
+        Raises ``RequestSizeError`` for a request too large for a frame, and ``NotSent``
+        when the connection is closed. A connection that is closing
         without knowing it yet hands ``NotSent`` to the receiver when it writes the
         request. The receiver is never called before this returns.
         """
@@ -157,8 +158,7 @@ class AsyncConnection(asyncio.Protocol):
         request_id = self._next_id + 1
         body = self._packer.pack([request_id, request.op, *request.args])
         size = len(body)
-        if size > protocol.MAX_FRAME_SIZE:
-            raise protocol.FrameTooLarge(size)
+        check_request_size(request, size)
 
         self._next_id = request_id
         self._pending[request_id] = receiver

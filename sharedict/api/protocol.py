@@ -28,7 +28,12 @@ MAX_UPDATE_ENTRIES = 10_000
 """Most entries in one ``update()``."""
 
 MAX_FRAME_SIZE = 256 * MiB
-"""Largest frame on the wire: a put of a 100 MiB key and a 100 MiB value fits, with room."""
+"""Largest frame on the wire.
+
+A put of a 100 MiB key and a 100 MiB value fits, with room. A key that holds a bool or a
+float also travels in its exact form, a second copy, so a put of such a key and a value
+that are each under 100 MiB can exceed this and fail with ``RequestSizeError``.
+"""
 
 HEADER = struct.Struct(">I")
 

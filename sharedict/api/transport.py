@@ -63,6 +63,15 @@ class Request:
         return f"Request({self.op!r})"
 
 
+def check_request_size(request: Request, size: int) -> None:
+    """Raise ``RequestSizeError`` when a request's frame of ``size`` bytes exceeds the protocol's limit."""
+    if size > protocol.MAX_FRAME_SIZE:
+        raise RequestSizeError(
+            f"{request.op} request of {size} bytes exceeds the {protocol.MAX_FRAME_SIZE // protocol.MiB} MiB "
+            "limit of one request; store large objects in files and keep their paths in the dict"
+        )
+
+
 def lost_write_error(request: Request) -> ConnectionLostError:
     """Return the error for a write whose connection broke after it was sent."""
     return ConnectionLostError(
@@ -152,11 +161,7 @@ class SyncConnection:
         self._next_id += 1
         request_id = self._next_id
         body = self._packer.pack([request_id, request.op, *request.args])
-        if len(body) > protocol.MAX_FRAME_SIZE:
-            raise RequestSizeError(
-                f"{request.op} request of {len(body)} bytes exceeds the {protocol.MAX_FRAME_SIZE // protocol.MiB} MiB "
-                "limit of one request; store large objects in files and keep their paths in the dict"
-            )
+        check_request_size(request, len(body))
         header = protocol.HEADER.pack(len(body))
         self.awaiting_reply = True
         try:
