@@ -816,6 +816,36 @@ def test_broken_connection_fails_writes_and_retries_reads(daemon, kv: Dict) -> N
     assert [key for key in kv.keys() if key.startswith("w-")] == []
 
 
+def test_lost_create_if_missing_is_sent_again(daemon, kv: Dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    send = aio.AsyncConnection.send
+    stopped: list[int] = []
+
+    def stop_daemon_before_create(conn: aio.AsyncConnection, request: Request, receiver: Any) -> int:
+        # The lookup by name is answered; the first create that follows it goes out
+        # unanswered, and the one sent again reaches the restarted daemon.
+        if request.op == protocol.DICT_CREATE and not stopped:
+            stopped.append(daemon.process.pid)
+            os.kill(daemon.process.pid, signal.SIGSTOP)
+            wait_until(lambda: process_state(daemon.process.pid) == "T", "the daemon is stopped")
+        return send(conn, request, receiver)
+
+    monkeypatch.setattr(aio.AsyncConnection, "send", stop_daemon_before_create)
+
+    async def main() -> bool:
+        client = Client.default()
+        fresh = Dict.from_name("made-on-first-use", create_if_missing=True)
+        put = asyncio.create_task(fresh.put.aio("key", "value"))
+        await wait_until_async(lambda: process_state(daemon.process.pid) == "T", "the create stops the daemon")
+        await wait_until_async(lambda: aio.in_flight(client) == 1, "the create request is written")
+
+        daemon.kill()
+        daemon.start()
+        return await put
+
+    assert asyncio.run(main()) is True
+    assert Dict.from_name("made-on-first-use")["key"] == "value"
+
+
 # The benchmark program.
 
 

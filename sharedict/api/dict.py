@@ -286,7 +286,9 @@ class Dict:
                     f"dict {self._name!r} not found in environment {self._environment_name!r}; create it with "
                     f"Dict.from_name({self._name!r}, create_if_missing=True) or Dict.objects.create({self._name!r})"
                 ) from None
-            record, _ = yield Request(protocol.DICT_CREATE, self._environment_name, self._name, True, write=True)
+            # Marked as no write, so that a lost reply sends it again: with exist_ok, a
+            # second create finds the dict that the first one made, and changes nothing.
+            record, _ = yield Request(protocol.DICT_CREATE, self._environment_name, self._name, True)
         self._apply_record(record)
         return self._id
 

@@ -76,7 +76,7 @@ def lost_write_error(request: Request) -> ConnectionLostError:
     """Return the error for a write whose connection broke after it was sent."""
     return ConnectionLostError(
         f"the connection to the daemon broke after {request.op} was sent; the write may or may "
-        "not have been applied, so read the entry to find out"
+        "not have been applied, so read back what it changes before you repeat it"
     )
 
 
