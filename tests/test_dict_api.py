@@ -19,6 +19,7 @@ from typing import Any
 import cloudpickle
 import pytest
 
+from conftest import Daemon
 from sharedict import (
     AlreadyExistsError,
     Client,
@@ -731,6 +732,21 @@ def test_aio_handle_as_key_never_blocks(daemon, monkeypatch):
     monkeypatch.undo()
     assert fetched == [d, other]
     assert other.len() == 0
+
+
+def test_handle_of_other_daemon_looked_up_there(daemon, tmp_path):
+    other_daemon = Daemon(tmp_path, [])
+    other_daemon.start()
+    try:
+        name = unique("on-both")
+        here = Dict.from_name(name, create_if_missing=True).hydrate()
+        there = Dict.from_name(name, create_if_missing=True, client=other_daemon.client())
+        fresh_dict()["ref"] = there  # stored through this daemon, looked up on its own
+        there["where"] = "other daemon"
+        assert there.object_id != here.object_id
+        assert "where" not in here
+    finally:
+        other_daemon.close()
 
 
 def test_handle_in_container_value(daemon):

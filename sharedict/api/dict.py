@@ -214,7 +214,15 @@ class Dict:
                 handle = needed.handle
             finally:
                 encoding_in_operation.reset(token)
-            yield from handle._hydrated()
+            if handle._socket_path() == self._socket_path():
+                yield from handle._hydrated()
+            else:
+                # This operation's requests go to this dict's daemon, and the handle's
+                # dict lives on another one. A blocking call, which warns inside an event loop.
+                handle.hydrate()
+
+    def _socket_path(self) -> str:
+        return (self._client or Client.default()).settings.socket_path
 
     def _request(self, op: str, *args: Any, key: Any = _NO_KEY, write: bool = False) -> Generator[Request, Any, Any]:
         """Send ``op`` about this dict and return its result.
