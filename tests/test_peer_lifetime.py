@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from sharedict import Dict, Lock, RequestSizeError
+from sharedict import Client, DaemonUnavailableError, Dict, Lock, RequestSizeError
 from sharedict.api import aio, protocol
 from sharedict.api.autostart import process_running
 from sharedict.api.cli import main
@@ -85,6 +85,22 @@ def test_status_times_out_on_stopped_daemon(daemon, capsys):
     assert status == 1
     assert elapsed < 60
     assert "did not answer" in capsys.readouterr().err
+
+
+def test_timed_out_write_names_dict_and_doubt(daemon):
+    client = Client(daemon.client().settings, request_timeout=0.5)
+    handle = Dict.from_name("slow", create_if_missing=True, client=client)
+    handle.hydrate()
+    os.kill(daemon.process.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(DaemonUnavailableError) as caught:
+            handle.put("key", "value")
+    finally:
+        os.kill(daemon.process.pid, signal.SIGCONT)
+        client.close()
+    message = str(caught.value)
+    assert message.startswith("dict 'slow': the daemon on ")
+    assert "did not answer put within 0.5 s; the write may or may not be applied" in message
 
 
 def test_oversized_request_raises_request_size_error(daemon):

@@ -35,7 +35,13 @@ from sharedict.api.codec import (
     encode_update,
     encoding_in_operation,
 )
-from sharedict.api.errors import ConnectionLostError, DeserializationError, InvalidError, NotFoundError
+from sharedict.api.errors import (
+    ConnectionLostError,
+    DaemonUnavailableError,
+    DeserializationError,
+    InvalidError,
+    NotFoundError,
+)
 from sharedict.api.operation import Items, OperationBody, iteration, operation
 from sharedict.api.transport import Client, Request
 
@@ -230,8 +236,8 @@ class Dict:
         The request contains the dict's id, then the match key of ``key`` when one is given,
         then ``args``. The key is encoded first, so that a bad key sends nothing, and the
         dict is looked up next if this handle has not done it yet. A dict deleted since
-        the lookup raises ``NotFoundError``, and a lost connection's ``ConnectionLostError``
-        names the dict.
+        the lookup raises ``NotFoundError``. A ``ConnectionLostError`` or
+        ``DaemonUnavailableError`` names the dict.
 
         All three steps run in this one generator: a gather makes thousands of reads,
         and each generator that one of them delegates to adds about a twentieth of its cost.
@@ -250,8 +256,8 @@ class Dict:
             return (yield Request(op, object_id, *args, write=write))
         except NotFoundError:
             raise NotFoundError(self._deleted_message()) from None
-        except ConnectionLostError as exc:
-            raise ConnectionLostError(f"{self._label}: {exc}") from None
+        except (ConnectionLostError, DaemonUnavailableError) as exc:
+            raise type(exc)(f"{self._label}: {exc}") from None
 
     def _deleted_message(self) -> str:
         if self._name is None:

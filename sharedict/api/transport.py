@@ -154,7 +154,7 @@ class SyncConnection:
         self._sock.settimeout(request_timeout)
 
     def request(self, request: Request) -> Any:
-        return self.receive(self.send(request), request.op)
+        return self.receive(self.send(request), request)
 
     def send(self, request: Request) -> int:
         """Send a request and return its id; read the reply with ``receive`` before sending another."""
@@ -175,8 +175,9 @@ class SyncConnection:
             raise _NotSent from exc
         return request_id
 
-    def receive(self, request_id: int, op: str) -> Any:
-        """Wait for the reply to the request ``request_id`` of operation ``op`` and return its result."""
+    def receive(self, request_id: int, request: Request) -> Any:
+        """Wait for the reply to ``request``, sent with id ``request_id``, and return its result."""
+        op = request.op
         while True:
             try:
                 for body in self._reader.frames():
@@ -198,10 +199,14 @@ class SyncConnection:
                 data = self._sock.recv(RECV_SIZE)
             except TimeoutError:
                 self.close()
+                # A write that the daemon has read may still be applied once it catches up.
+                maybe_applied = ""
+                if request.write:
+                    maybe_applied = "; the write may or may not be applied, so read back what it changes"
                 raise DaemonUnavailableError(
                     f"the daemon on {self.socket_path} did not answer {op} within "
-                    f"{self._sock.gettimeout() or HANDSHAKE_TIMEOUT:g} s; it may be stopped or overloaded, "
-                    "so check it with `sharedict status` and its log"
+                    f"{self._sock.gettimeout() or HANDSHAKE_TIMEOUT:g} s{maybe_applied}; it may be stopped or "
+                    "overloaded, so check it with `sharedict status` and its log"
                 ) from None
             except OSError as exc:
                 self.close()
@@ -399,7 +404,7 @@ class PendingRead:
             # The read was not sent, or it was sent by the parent of this forked process.
             return self._client.call(self._request)
         try:
-            result = conn.receive(self._request_id, self._request.op)
+            result = conn.receive(self._request_id, self._request)
         except _ReplyLost:
             self._client.close()
             return self._client.call(self._request)
@@ -422,7 +427,7 @@ class PendingRead:
         if conn is None or conn.pid != os.getpid():
             return
         try:
-            conn.receive(self._request_id, self._request.op)
+            conn.receive(self._request_id, self._request)
         except Exception:
             pass  # the result is not needed, and a connection that broke has closed itself
         except BaseException:
