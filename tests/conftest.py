@@ -168,6 +168,19 @@ def module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 @pytest.fixture
+def other_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A second running daemon, which the environment does not point at."""
+    root = tmp_path / "other"
+    root.mkdir()
+    handle = Daemon(root, [])
+    handle.start()
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+@pytest.fixture
 def child_env(daemon: Daemon) -> dict[str, str]:
     """The environment for a child process that uses the test's daemon."""
     return {**os.environ, **daemon.env}

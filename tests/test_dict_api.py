@@ -19,7 +19,6 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from conftest import Daemon
 from sharedict import (
     AlreadyExistsError,
     Client,
@@ -224,7 +223,23 @@ def test_first_calls_look_up_once(daemon):
     assert d.get("missing") is None
     d["key"] = "value"
     assert d.info().name == name
-    assert client.ops == [protocol.DICT_OPEN, protocol.GET, protocol.PUT]
+    assert client.ops == [protocol.DICT_OPEN, protocol.GET, protocol.PUT, protocol.DICT_BY_ID]
+
+
+def test_info_of_deleted_dict_raises(daemon):
+    d = fresh_dict()
+    assert d.info().name == d.name
+    Dict.objects.delete(d.name)
+    with pytest.raises(NotFoundError, match="was deleted"):
+        d.info()
+
+
+def test_message_names_environment(daemon):
+    environment = unique("env")
+    d = Dict.from_name("labelled", environment_name=environment, create_if_missing=True)
+    with pytest.raises(SerializationError) as caught:
+        d["key"] = threading.Lock()
+    assert f"dict 'labelled' in environment {environment!r}" in str(caught.value)
 
 
 def test_from_id_looks_up_by_id(daemon):
@@ -233,7 +248,7 @@ def test_from_id_looks_up_by_id(daemon):
     same = Dict.from_id(d.object_id, client=client)
     assert "key" not in same
     assert same.info().name == d.name
-    assert client.ops == [protocol.DICT_BY_ID, protocol.CONTAINS]
+    assert client.ops == [protocol.DICT_BY_ID, protocol.CONTAINS, protocol.DICT_BY_ID]
 
 
 @pytest.mark.parametrize("dict_id", ["", "di-", "di-xyz", "abc-0123456789abcdef", "di-0123456789abcdeg"])
@@ -734,19 +749,14 @@ def test_aio_handle_as_key_never_blocks(daemon, monkeypatch):
     assert other.len() == 0
 
 
-def test_handle_of_other_daemon_looked_up_there(daemon, tmp_path):
-    other_daemon = Daemon(tmp_path, [])
-    other_daemon.start()
-    try:
-        name = unique("on-both")
-        here = Dict.from_name(name, create_if_missing=True).hydrate()
-        there = Dict.from_name(name, create_if_missing=True, client=other_daemon.client())
-        fresh_dict()["ref"] = there  # stored through this daemon, looked up on its own
-        there["where"] = "other daemon"
-        assert there.object_id != here.object_id
-        assert "where" not in here
-    finally:
-        other_daemon.close()
+def test_handle_of_other_daemon_looked_up_there(daemon, other_daemon):
+    name = unique("on-both")
+    here = Dict.from_name(name, create_if_missing=True).hydrate()
+    there = Dict.from_name(name, create_if_missing=True, client=other_daemon.client())
+    fresh_dict()["ref"] = there  # stored through this daemon, looked up on its own
+    there["where"] = "other daemon"
+    assert there.object_id != here.object_id
+    assert "where" not in here
 
 
 def test_handle_in_container_value(daemon):

@@ -6,8 +6,10 @@ awaitable twin: ``d.get("k")`` and ``await d.get.aio("k")``; ``d.items()`` and
 
 Guarantees:
     * Every call is atomic, and a write returns only once it is durable on disk.
-    * Keys match as in a Python dict (``1``, ``1.0`` and ``True`` are one key), in every
-      process. Iteration follows insertion order.
+    * Keys of the built-in scalar types, and tuples and frozensets of them, match as in a
+      Python dict (``1``, ``1.0`` and ``True`` are one key), in every process. Keys of
+      other types match when they pickle to the same bytes. Iteration follows insertion
+      order.
     * Values are stored copies: mutating a fetched value changes nothing until it is put
       back.
     * Handles are thread-safe, fork-safe and usable from any event loop. They pickle by
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 
 from sharedict.api import protocol
 from sharedict.api.codec import (
+    DEFAULT_ENVIRONMENT,
     LookupNeeded,
     check_environment,
     check_name,
@@ -188,6 +191,8 @@ class Dict:
     def _describe(self) -> str:
         # Kept in ``_label`` and made again when the handle learns its name or id: every
         # call passes the label to the codec, for its messages.
+        if self._name is not None and self._environment_name not in ("", DEFAULT_ENVIRONMENT):
+            return f"dict {self._name!r} in environment {self._environment_name!r}"
         if self._name is not None:
             return f"dict {self._name!r}"
         if self._id is None:
@@ -322,9 +327,11 @@ class Dict:
     @operation
     def info(self) -> Generator[Request, Any, DictInfo]:
         """Return the dict's name, creation time (an aware datetime) and creating OS user."""
-        yield from self._hydrated()  # a lookup by name brings the facts along
-        if self._info is None:
-            self._apply_record((yield from self._request(protocol.DICT_BY_ID)))
+        if self._id is None or not self._environment_name:
+            yield from self._hydrated()  # the lookup brings the facts along
+            return self._info
+        # Asked again on every later call, so that a dict deleted since raises NotFoundError.
+        self._apply_record((yield from self._request(protocol.DICT_BY_ID)))
         return self._info
 
     @operation
