@@ -41,7 +41,7 @@ import msgpack
 from sharedict.api import protocol
 from sharedict.api.autostart import no_daemon_error, start_daemon
 from sharedict.api.errors import DaemonUnavailableError, ProtocolError, error_from_code
-from sharedict.api.transport import Client, Request, check_daemon_user, check_request_size, lost_write_error
+from sharedict.api.transport import Client, Request, check_daemon_user, lost_write_error, request_size_error
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,8 @@ class AsyncConnection(asyncio.Protocol):
         request_id = self._next_id + 1
         body = self._packer.pack([request_id, request.op, *request.args])
         size = len(body)
-        check_request_size(request, size)
+        if size > protocol.MAX_FRAME_SIZE:
+            raise request_size_error(request, size)
 
         self._next_id = request_id
         self._pending[request_id] = receiver

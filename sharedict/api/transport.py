@@ -63,13 +63,12 @@ class Request:
         return f"Request({self.op!r})"
 
 
-def check_request_size(request: Request, size: int) -> None:
-    """Raise ``RequestSizeError`` when a request's frame of ``size`` bytes exceeds the protocol's limit."""
-    if size > protocol.MAX_FRAME_SIZE:
-        raise RequestSizeError(
-            f"{request.op} request of {size} bytes exceeds the {protocol.MAX_FRAME_SIZE // protocol.MiB} MiB "
-            "limit of one request; store large objects in files and keep their paths in the dict"
-        )
+def request_size_error(request: Request, size: int) -> RequestSizeError:
+    """Return the error for a request whose frame of ``size`` bytes exceeds ``protocol.MAX_FRAME_SIZE``."""
+    return RequestSizeError(
+        f"{request.op} request of {size} bytes exceeds the {protocol.MAX_FRAME_SIZE // protocol.MiB} MiB "
+        "limit of one request; store large objects in files and keep their paths in the dict"
+    )
 
 
 def lost_write_error(request: Request) -> ConnectionLostError:
@@ -161,7 +160,8 @@ class SyncConnection:
         self._next_id += 1
         request_id = self._next_id
         body = self._packer.pack([request_id, request.op, *request.args])
-        check_request_size(request, len(body))
+        if len(body) > protocol.MAX_FRAME_SIZE:
+            raise request_size_error(request, len(body))
         header = protocol.HEADER.pack(len(body))
         self.awaiting_reply = True
         try:
