@@ -816,13 +816,13 @@ def test_broken_connection_fails_writes_and_retries_reads(daemon, kv: Dict) -> N
     assert [key for key in kv.keys() if key.startswith("w-")] == []
 
 
-def test_lost_create_if_missing_is_sent_again(daemon, kv: Dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lost_create_sent_again(daemon, kv: Dict, monkeypatch: pytest.MonkeyPatch) -> None:
     send = aio.AsyncConnection.send
     stopped: list[int] = []
 
     def stop_daemon_before_create(conn: aio.AsyncConnection, request: Request, receiver: Any) -> int:
-        # The lookup by name is answered; the first create that follows it goes out
-        # unanswered, and the one sent again reaches the restarted daemon.
+        # The lookup by name gets its reply. The first create after it gets none, and
+        # the create sent again reaches the restarted daemon.
         if request.op == protocol.DICT_CREATE and not stopped:
             stopped.append(daemon.process.pid)
             os.kill(daemon.process.pid, signal.SIGSTOP)

@@ -749,14 +749,14 @@ def test_aio_handle_as_key_never_blocks(daemon, monkeypatch):
     assert other.len() == 0
 
 
-def test_handle_of_other_daemon_looked_up_there(daemon, other_daemon):
+def test_nested_handle_uses_own_daemon(daemon, other_daemon):
     name = unique("on-both")
-    here = Dict.from_name(name, create_if_missing=True).hydrate()
-    there = Dict.from_name(name, create_if_missing=True, client=other_daemon.client())
-    fresh_dict()["ref"] = there  # stored through this daemon, looked up on its own
-    there["where"] = "other daemon"
-    assert there.object_id != here.object_id
-    assert "where" not in here
+    on_this_daemon = Dict.from_name(name, create_if_missing=True).hydrate()
+    on_other_daemon = Dict.from_name(name, create_if_missing=True, client=other_daemon.client())
+    fresh_dict()["ref"] = on_other_daemon  # stored through this daemon, looked up on its own
+    on_other_daemon["where"] = "other daemon"
+    assert on_other_daemon.object_id != on_this_daemon.object_id
+    assert "where" not in on_this_daemon
 
 
 def test_handle_in_container_value(daemon):

@@ -219,7 +219,7 @@ def test_lease_expiry_grants_next_waiter(daemon):
     new.release()
 
 
-def test_lease_of_centuries_keeps_other_leases_running(daemon):
+def test_huge_lease_keeps_timer_running(daemon):
     # A lease too long for Condition.wait() once stopped the daemon's timer thread, and
     # with it every later lease and timeout.
     forever = Lock.from_name("centuries", lease=1e10)

@@ -87,7 +87,7 @@ def test_status_times_out_on_stopped_daemon(daemon, capsys):
     assert "did not answer" in capsys.readouterr().err
 
 
-def test_timed_out_write_names_dict_and_doubt(daemon):
+def test_timed_out_write_message(daemon):
     client = Client(daemon.client().settings, request_timeout=0.5)
     handle = Dict.from_name("slow", create_if_missing=True, client=client)
     handle.hydrate()

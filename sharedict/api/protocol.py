@@ -30,9 +30,9 @@ MAX_UPDATE_ENTRIES = 10_000
 MAX_FRAME_SIZE = 256 * MiB
 """Largest frame on the wire.
 
-A put of a 100 MiB key and a 100 MiB value fits, with room. A key that holds a bool or a
-float also travels in its exact form, a second copy, so a put of such a key and a value
-that are each under 100 MiB can exceed this and fail with ``RequestSizeError``.
+A put of a 100 MiB key and a 100 MiB value fits, with room. A key that contains a bool
+or a float also travels in its exact form, a second copy, so a put of such a key and a
+value that are each under 100 MiB can exceed this and fail with ``RequestSizeError``.
 """
 
 HEADER = struct.Struct(">I")
