@@ -407,7 +407,7 @@ def test_items_value_cut_to_one_line(run, name):
     assert rows[1].split(None, 1)[1] == "x" * 80 + "..."
 
 
-LONG_PREFIX = "/home/user/projects/" * 3
+LONG_PREFIX = "/home/user/projects/" * 5
 
 
 def test_items_long_keys_in_pipe(run, name):
@@ -417,6 +417,14 @@ def test_items_long_keys_in_pipe(run, name):
     rows = out.splitlines()[2:]
     assert rows[0].split()[0] == keys[0]
     assert rows[1].split()[0] == keys[1]
+
+
+def test_items_late_long_key_in_pipe(run, name):
+    handle = Dict.from_name(name, create_if_missing=True)
+    handle.update({f"k{number}": number for number in range(1000)})
+    handle[LONG_PREFIX + "late.txt"] = "late"
+    _, out, _ = run("items", name, "--all")
+    assert out.splitlines()[-1].split() == [LONG_PREFIX + "late.txt", "late"]
 
 
 def test_items_long_keys_on_terminal(daemon, name, child_env):

@@ -32,6 +32,7 @@ from sharedict.api.cli_common import (
     scan_entries,
 )
 from sharedict.api.cli_format import (
+    KEY_CELL_WIDTH,
     cell_text,
     count_of,
     encodable,
@@ -50,7 +51,7 @@ DEFAULT_ITEMS = 20
 # stays bounded however many entries ``--all`` shows.
 TABLE_BATCH = 1000
 # On a terminal the key column takes at most this many columns, or half the terminal's
-# width when that is more. Into a pipe a key is cut only where every cell is.
+# width when that is more. Into a pipe a key is cut only at KEY_CELL_WIDTH.
 MAX_KEY_WIDTH = 40
 KEY_WIDTH_HEADROOM = 4
 COLUMN_GAP = "   "
@@ -276,7 +277,7 @@ def _print_items_table(entries: Iterable[tuple[Any, Any]], limit: int | None, us
             batch.append(("...", "..."))
             break
         key, value = entry
-        batch.append((cell_text(key, use_repr), cell_text(value, use_repr)))
+        batch.append((cell_text(key, use_repr, KEY_CELL_WIDTH), cell_text(value, use_repr)))
         shown_count += 1
         if len(batch) == TABLE_BATCH:
             table = table or _ItemsTable(batch, more_may_follow=True, line_width=line_width)
@@ -321,9 +322,13 @@ class _ItemsTable:
         sys.stdout.write(f"{self._line('Key', 'Value')}\n{rule}\n")
 
     def _line(self, key: str, value: str) -> str:
-        if self.line_width is not None and cell_len(key) > self.key_width:
+        key_size = cell_len(key)
+        if key_size > self.key_width and self.line_width is not None:
             key = _cut_middle(key, self.key_width)
-        line = set_cell_size(key, self.key_width) + COLUMN_GAP + value
+        elif key_size < self.key_width:
+            key = set_cell_size(key, self.key_width)
+        # Into a pipe, a key wider than the column stays whole and pushes its value right.
+        line = key + COLUMN_GAP + value
         if self.line_width is not None and cell_len(line) > self.line_width:
             line = set_cell_size(line, self.line_width - 1) + "\u2026"
         return line

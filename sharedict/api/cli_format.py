@@ -19,7 +19,14 @@ from typing import Any
 from sharedict.api.serialization import TAG_PICKLE, decode_key
 
 CELL_WIDTH = 80
-"""Characters of a key or value shown in a table cell, before ``...``."""
+"""Characters of a value shown in a table cell, before ``...``."""
+
+KEY_CELL_WIDTH = 200
+"""Characters of a key shown in a table cell, before ``...``.
+
+Longer than a value's, because keys often share a long start, such as a directory, and
+differ at the end; a terminal shows a long key's start and end around its middle.
+"""
 
 _CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Control characters, lone surrogates, and the Unicode line and paragraph separators.
@@ -110,9 +117,9 @@ def one_line(text: str, limit: int = CELL_WIDTH) -> str:
     return escaped
 
 
-def cell_text(obj: Any, use_repr: bool) -> str:
+def cell_text(obj: Any, use_repr: bool, limit: int = CELL_WIDTH) -> str:
     """Return the one-line text of a key or value in a table: ``str()``, or ``repr()`` with ``use_repr``."""
-    return one_line(_text(obj, use_repr))
+    return one_line(_text(obj, use_repr), limit)
 
 
 def _text(obj: Any, use_repr: bool) -> str:
