@@ -759,6 +759,26 @@ def test_nested_handle_uses_own_daemon(daemon, other_daemon):
     assert "where" not in on_this_daemon
 
 
+def test_nested_handle_of_other_daemon_in_aio(daemon, other_daemon):
+    name = unique("not-looked-up")
+    on_other_daemon = Dict.from_name(name, create_if_missing=True, client=other_daemon.client())
+    d = fresh_dict()
+
+    async def store() -> None:
+        await d.put.aio("ref", on_other_daemon)
+
+    with pytest.raises(InvalidError, match=r"await handle.hydrate.aio\(\)"):
+        asyncio.run(store())
+    assert "ref" not in d
+
+    async def store_after_lookup() -> None:
+        await on_other_daemon.hydrate.aio()
+        await d.put.aio("ref", on_other_daemon)
+
+    asyncio.run(store_after_lookup())
+    assert d["ref"].object_id == on_other_daemon.object_id
+
+
 def test_handle_in_container_value(daemon):
     d = fresh_dict()
     other = fresh_dict()

@@ -19,6 +19,7 @@ Guarantees:
 from __future__ import annotations
 
 import datetime
+from asyncio import _get_running_loop  # unlike get_running_loop(), returns None outside a loop
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -227,10 +228,17 @@ class Dict:
                 encoding_in_operation.reset(token)
             if handle._socket_path() == self._socket_path():
                 yield from handle._hydrated()
-            else:
+            elif _get_running_loop() is None:
                 # This operation's requests go to this dict's daemon, and the handle's
-                # dict lives on another one. A blocking call, which warns inside an event loop.
+                # dict lives on another one, so it is looked up with its own client.
                 handle.hydrate()
+            else:
+                # Looking it up here would block the event loop.
+                raise InvalidError(
+                    f"{handle._label} lives on the daemon on {handle._socket_path()}, not on this dict's daemon, "
+                    "so it must be looked up before it is stored from async code: "
+                    "`await handle.hydrate.aio()` first"
+                )
 
     def _socket_path(self) -> str:
         return (self._client or Client.default()).settings.socket_path
