@@ -234,6 +234,15 @@ def test_info_of_deleted_dict_raises(daemon):
         d.info()
 
 
+def test_not_found_fix_names_environment(daemon):
+    environment = unique("env")
+    with pytest.raises(NotFoundError) as caught:
+        Dict.from_name("absent", environment_name=environment).len()
+    message = str(caught.value)
+    assert f"Dict.from_name('absent', environment_name={environment!r}, create_if_missing=True)" in message
+    assert f"Dict.objects.create('absent', environment_name={environment!r})" in message
+
+
 def test_message_names_environment(daemon):
     environment = unique("env")
     d = Dict.from_name("labelled", environment_name=environment, create_if_missing=True)

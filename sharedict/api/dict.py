@@ -166,9 +166,14 @@ class Dict:
     def __repr__(self) -> str:
         if self._name is None:
             return f"sharedict.Dict.from_id({_hex_id(self._id)!r})" if self._id else "sharedict.Dict.ephemeral()"
-        if self._environment_name != "main":
-            return f"sharedict.Dict.from_name({self._name!r}, environment_name={self._environment_name!r})"
-        return f"sharedict.Dict.from_name({self._name!r})"
+        return f"sharedict.{self._name_call('Dict.from_name')}"
+
+    def _name_call(self, function: str, extra: str = "") -> str:
+        """Return a call of ``function`` with this dict's name and environment, for messages and repr."""
+        arguments = repr(self._name)
+        if self._environment_name not in ("", DEFAULT_ENVIRONMENT):
+            arguments += f", environment_name={self._environment_name!r}"
+        return f"{function}({arguments}{extra})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Dict):
@@ -281,7 +286,7 @@ class Dict:
         return (
             f"dict {self._name!r} ({_hex_id(self._id)}) in environment {self._environment_name!r} was deleted; "
             "a handle never reaches a dict created later under the same name, so get a new handle with "
-            f"Dict.from_name({self._name!r})"
+            f"{self._name_call('Dict.from_name')}"
         )
 
     def _apply_record(self, record: dict[str, Any]) -> None:
@@ -311,7 +316,8 @@ class Dict:
             if not self._create_if_missing:
                 raise NotFoundError(
                     f"dict {self._name!r} not found in environment {self._environment_name!r}; create it with "
-                    f"Dict.from_name({self._name!r}, create_if_missing=True) or Dict.objects.create({self._name!r})"
+                    f"{self._name_call('Dict.from_name', ', create_if_missing=True')} or "
+                    f"{self._name_call('Dict.objects.create')}"
                 ) from None
             # Marked as no write, so that a lost reply sends it again: with exist_ok, a
             # second create finds the dict that the first one made, and changes nothing.
