@@ -816,14 +816,33 @@ def test_broken_connection_fails_writes_and_retries_reads(daemon, kv: Dict) -> N
     assert [key for key in kv.keys() if key.startswith("w-")] == []
 
 
-def test_lost_create_sent_again(daemon, kv: Dict, monkeypatch: pytest.MonkeyPatch) -> None:
+async def _put_in_dict_made_on_first_use() -> Any:
+    return await Dict.from_name("made-on-first-use", create_if_missing=True).put.aio("key", "value")
+
+
+async def _put_in_ephemeral_dict() -> Any:
+    async with Dict.ephemeral() as scratch:
+        await scratch.put.aio("key", "value")
+        return await scratch.get.aio("key")
+
+
+@pytest.mark.parametrize(
+    ("create_op", "scenario", "expected"),
+    [
+        (protocol.DICT_CREATE, _put_in_dict_made_on_first_use, True),
+        (protocol.DICT_EPHEMERAL, _put_in_ephemeral_dict, "value"),
+    ],
+)
+def test_lost_create_sent_again(
+    daemon, monkeypatch: pytest.MonkeyPatch, create_op: str, scenario: Callable[[], Any], expected: Any
+) -> None:
     send = aio.AsyncConnection.send
     stopped: list[int] = []
 
     def stop_daemon_before_create(conn: aio.AsyncConnection, request: Request, receiver: Any) -> int:
-        # The lookup by name gets its reply. The first create after it gets none, and
+        # Any lookup before the create gets its reply. The first create gets none, and
         # the create sent again reaches the restarted daemon.
-        if request.op == protocol.DICT_CREATE and not stopped:
+        if request.op == create_op and not stopped:
             stopped.append(daemon.process.pid)
             os.kill(daemon.process.pid, signal.SIGSTOP)
             wait_until(lambda: process_state(daemon.process.pid) == "T", "the daemon is stopped")
@@ -831,19 +850,17 @@ def test_lost_create_sent_again(daemon, kv: Dict, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(aio.AsyncConnection, "send", stop_daemon_before_create)
 
-    async def main() -> bool:
+    async def main() -> Any:
         client = Client.default()
-        fresh = Dict.from_name("made-on-first-use", create_if_missing=True)
-        put = asyncio.create_task(fresh.put.aio("key", "value"))
+        call = asyncio.ensure_future(scenario())
         await wait_until_async(lambda: process_state(daemon.process.pid) == "T", "the create stops the daemon")
         await wait_until_async(lambda: aio.in_flight(client) == 1, "the create request is written")
 
         daemon.kill()
         daemon.start()
-        return await put
+        return await call
 
-    assert asyncio.run(main()) is True
-    assert Dict.from_name("made-on-first-use")["key"] == "value"
+    assert asyncio.run(main()) == expected
 
 
 # The benchmark program.

@@ -550,7 +550,7 @@ def test_status_command_shows_no_lease(daemon, capsys):
     assert row[header.index("lease remaining")] == "none"
 
 
-@pytest.mark.parametrize("lease", [0, -1, float("nan"), float("inf"), True])
+@pytest.mark.parametrize("lease", [0, -1, float("nan"), float("inf"), True, 10**400])
 def test_invalid_lease_raises(lease):
     with pytest.raises(InvalidError, match="lease="):
         Lock.from_name("bad", lease=lease)

@@ -509,7 +509,9 @@ class EphemeralDict:
 
     @operation
     def _create(self) -> Generator[Request, Any, Dict]:
-        record = yield Request(protocol.DICT_EPHEMERAL, self._environment_name, write=True)
+        # Marked as no write, so that a lost reply sends it again. A dict that the lost
+        # request made belongs to this process, and the daemon deletes it when the process exits.
+        record = yield Request(protocol.DICT_EPHEMERAL, self._environment_name)
         handle = Dict._handle(name=None, environment_name=self._environment_name, client=self._client)
         handle._apply_record(record)
         self._dict = handle

@@ -40,11 +40,16 @@ ACQUIRE_ATTEMPTS = 3
 def _check_seconds(what: str, value: Any, *, positive: bool) -> float | None:
     if value is None:
         return None
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not valid or value < 0 or (positive and value == 0):
+    seconds = math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond the range of a float
+            seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
         bound = "greater than 0" if positive else "0 or more"
-        raise InvalidError(f"{what}={value!r} is invalid; pass None or a finite number of seconds {bound}")
-    return float(value)
+        raise InvalidError(f"{what}={value!r:.60} is invalid; pass None or a finite number of seconds {bound}")
+    return seconds
 
 
 class _Hold:
