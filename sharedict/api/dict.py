@@ -45,6 +45,7 @@ from sharedict.api.errors import (
     DeserializationError,
     InvalidError,
     NotFoundError,
+    RequestSizeError,
 )
 from sharedict.api.operation import Items, OperationBody, iteration, operation
 from sharedict.api.transport import Client, Request
@@ -254,8 +255,8 @@ class Dict:
         The request contains the dict's id, then the match key of ``key`` when one is given,
         then ``args``. The key is encoded first, so that a bad key sends nothing, and the
         dict is looked up next if this handle has not done it yet. A dict deleted since
-        the lookup raises ``NotFoundError``. A ``ConnectionLostError`` or
-        ``DaemonUnavailableError`` names the dict.
+        the lookup raises ``NotFoundError``. A ``ConnectionLostError``,
+        ``DaemonUnavailableError`` or ``RequestSizeError`` from the transport names the dict.
 
         All three steps run in this one generator: a gather makes thousands of reads,
         and each generator that one of them delegates to adds about a twentieth of its cost.
@@ -274,7 +275,7 @@ class Dict:
             return (yield Request(op, object_id, *args, write=write))
         except NotFoundError:
             raise NotFoundError(self._deleted_message()) from None
-        except (ConnectionLostError, DaemonUnavailableError) as exc:
+        except (ConnectionLostError, DaemonUnavailableError, RequestSizeError) as exc:
             raise type(exc)(f"{self._label}: {exc}") from None
 
     def _deleted_message(self) -> str:

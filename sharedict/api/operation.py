@@ -148,11 +148,12 @@ class AsyncItems:
     iteration at once; the reply is dropped when it arrives.
     """
 
-    __slots__ = ("_body", "_client", "_running", "_items", "_prefetch")
+    __slots__ = ("_body", "_client", "_name", "_running", "_items", "_prefetch")
 
-    def __init__(self, body: OperationBody, client: Client) -> None:
+    def __init__(self, body: OperationBody, client: Client, name: str) -> None:
         self._body: OperationBody | None = body
         self._client = client
+        self._name = name  # as in "Dict.keys", for messages
         self._running = False
         self._items: Iterator[Any] | None = None
         self._prefetch: asyncio.Task[Any] | None = None
@@ -163,16 +164,18 @@ class AsyncItems:
     def __await__(self) -> Generator[Any, None, Any]:
         # Awaiting an iterator is a common slip; without this, Python's message names
         # neither the iterator nor the fix.
+        method = self._name.rpartition(".")[2]
         raise TypeError(
-            "an async iterator of a dict is not awaitable; iterate it with `async for item in d.items.aio()`, "
-            "or collect it with `[item async for item in d.items.aio()]`"
+            f"an async iterator of a dict is not awaitable; iterate it with `async for item in d.{method}.aio()`, "
+            f"or collect it with `[item async for item in d.{method}.aio()]`"
         )
 
     def __iter__(self) -> Iterator[Any]:
         # The same slip with a plain for loop, or list().
+        method = self._name.rpartition(".")[2]
         raise TypeError(
-            "an async iterator of a dict cannot be iterated with `for`; use `async for item in d.items.aio()` "
-            "in async code, or `for item in d.items()` in blocking code"
+            f"an async iterator of a dict cannot be iterated with `for`; use `async for item in d.{method}.aio()` "
+            f"in async code, or `for item in d.{method}()` in blocking code"
         )
 
     async def __anext__(self) -> Any:
@@ -324,7 +327,7 @@ class BoundIteration(BoundOperation):
     def aio(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:  # type: ignore[override]
         """Return an async iterator over the operation's items."""
         client = _client_of(self._instance, kwargs)
-        return AsyncItems(self._function(self._instance, *args, **kwargs), client)
+        return AsyncItems(self._function(self._instance, *args, **kwargs), client, self._name)
 
 
 class operation:  # noqa: N801 - used as a decorator, like property
