@@ -226,6 +226,10 @@ class Client:
 
     Thread-safe and fork-safe. ``Client.default()`` is the client of the settings in the
     environment.
+
+    ``request_timeout`` bounds the wait for each reply of a blocking request, including
+    the wait of a ``Lock.acquire``, so a lock's timeout longer than it fails early with
+    ``DaemonUnavailableError``. Async calls and the connection handshake ignore it.
     """
 
     _default: Client | None = None
