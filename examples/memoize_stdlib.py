@@ -1,8 +1,8 @@
 """Count the tokens of every Python file of the standard library, memoized in a shared dict.
 
 A pool of worker processes tokenizes the files. Each worker looks a file up in the dict
-under ``(path under the root, SHA-256 of its content)``, such as
-``("asyncio/tasks.py", "3f9a...")``, and tokenizes it only when the dict has no
+under ``(SHA-256 of its content, path under the root)``, such as
+``("3f9a...", "asyncio/tasks.py")``, and tokenizes it only when the dict has no
 result for it yet. It then stores the result, for every later run and every other
 process. A second run therefore reads every result from the dict instead of computing
 it. A file whose content changes gets a new key, and the old entry expires after 7 days
@@ -88,8 +88,9 @@ def process_file(path: str) -> tuple[bool, dict[str, object]]:
     """Return (whether the result was reused, the result) for one file; runs in a worker."""
     with open(path, "rb") as file:
         source = file.read()
-    # The path under the root keeps keys short enough to read in `sharedict items`.
-    key = (os.path.relpath(path, root), hashlib.sha256(source).hexdigest())
+    # The path comes last and is relative to the root: `sharedict items` on a terminal
+    # shows a long key's start and end, so the end names the file.
+    key = (hashlib.sha256(source).hexdigest(), os.path.relpath(path, root))
 
     result = cache.get(key)
     if result is not None:
