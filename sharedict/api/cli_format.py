@@ -25,7 +25,7 @@ KEY_CELL_WIDTH = 200
 """Characters of a key shown in a table cell, before ``...``.
 
 Longer than a value's, because keys often share a long start, such as a directory, and
-differ at the end; a terminal shows a long key's start and end around its middle.
+differ at the end. A terminal shows a long key's start and end around its middle.
 """
 
 _CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
