@@ -149,7 +149,7 @@ def placements() -> dict[str, Placement | None]:
 
 @contextlib.contextmanager
 def pinned(server_pid: int, placement: Placement | None) -> Iterator[None]:
-    """Pin every thread of process ``server_pid``, and the calling thread, as ``placement`` says."""
+    """Pin every thread of process ``server_pid``, and the calling thread, to the CPUs of ``placement``."""
     if placement is None:
         yield
         return

@@ -196,8 +196,11 @@ class Dict:
         return _restore_dict, (self.object_id, self._name, self._environment_name)
 
     def _describe(self) -> str:
-        # Kept in ``_label`` and made again when the handle learns its name or id: every
-        # call passes the label to the codec, for its messages.
+        """Return the words that name this dict in messages, such as ``dict 'jobs'``.
+
+        The result is kept in ``_label`` and made again when the handle learns its name
+        or id, because every call passes the label to the codec.
+        """
         if self._name is not None and self._environment_name not in ("", DEFAULT_ENVIRONMENT):
             return f"dict {self._name!r} in environment {self._environment_name!r}"
         if self._name is not None:
@@ -247,6 +250,7 @@ class Dict:
                 )
 
     def _socket_path(self) -> str:
+        """Return the socket of the daemon that this handle's calls go to."""
         return (self._client or Client.default()).settings.socket_path
 
     def _request(self, op: str, *args: Any, key: Any = _NO_KEY, write: bool = False) -> Generator[Request, Any, Any]:
@@ -320,8 +324,8 @@ class Dict:
                     f"{self._name_call('Dict.from_name', ', create_if_missing=True')} or "
                     f"{self._name_call('Dict.objects.create')}"
                 ) from None
-            # Marked as no write, so that a lost reply sends it again: with exist_ok, a
-            # second create finds the dict that the first one made, and changes nothing.
+            # Marked as no write, so that a lost reply sends it again. With exist_ok, a
+            # second create finds the dict that the first one made and changes nothing.
             record, _ = yield Request(protocol.DICT_CREATE, self._environment_name, self._name, True)
         self._apply_record(record)
         return self._id

@@ -148,12 +148,12 @@ class AsyncItems:
     iteration at once; the reply is dropped when it arrives.
     """
 
-    __slots__ = ("_body", "_client", "_name", "_running", "_items", "_prefetch")
+    __slots__ = ("_body", "_client", "_method", "_running", "_items", "_prefetch")
 
     def __init__(self, body: OperationBody, client: Client, name: str) -> None:
         self._body: OperationBody | None = body
         self._client = client
-        self._name = name  # as in "Dict.keys", for messages
+        self._method = name.rpartition(".")[2]  # "keys" of "Dict.keys", for messages
         self._running = False
         self._items: Iterator[Any] | None = None
         self._prefetch: asyncio.Task[Any] | None = None
@@ -164,7 +164,7 @@ class AsyncItems:
     def __await__(self) -> Generator[Any, None, Any]:
         # Awaiting an iterator is a common slip; without this, Python's message names
         # neither the iterator nor the fix.
-        method = self._name.rpartition(".")[2]
+        method = self._method
         raise TypeError(
             f"an async iterator of a dict is not awaitable; iterate it with `async for item in d.{method}.aio()`, "
             f"or collect it with `[item async for item in d.{method}.aio()]`"
@@ -172,7 +172,7 @@ class AsyncItems:
 
     def __iter__(self) -> Iterator[Any]:
         # The same slip with a plain for loop, or list().
-        method = self._name.rpartition(".")[2]
+        method = self._method
         raise TypeError(
             f"an async iterator of a dict cannot be iterated with `for`; use `async for item in d.{method}.aio()` "
             f"in async code, or `for item in d.{method}()` in blocking code"

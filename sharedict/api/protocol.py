@@ -31,8 +31,9 @@ MAX_FRAME_SIZE = 256 * MiB
 """Largest frame on the wire.
 
 A put of a 100 MiB key and a 100 MiB value fits, with room. A key that contains a bool
-or a float also travels in its exact form, a second copy, so a put of such a key and a
-value that are each under 100 MiB can exceed this and fail with ``RequestSizeError``.
+or a float also travels in its exact form, as a second copy. So a put of such a key and
+a value that are each under 100 MiB can exceed this limit and fail with
+``RequestSizeError``.
 """
 
 HEADER = struct.Struct(">I")
