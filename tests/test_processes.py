@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -316,6 +317,25 @@ def test_write_of_other_process_seen_at_once(module_daemon):
     )
     assert completed.returncode == 0, completed.stderr
     assert shared["pid"] == int(completed.stdout)
+
+
+# Stopping. The kernel delivers a signal sent to a process to any of its threads.
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_other_thread_stops_daemon(daemon, signum):
+    shared = Dict.from_name("stopping", create_if_missing=True)
+    shared["written"] = 1
+    pid = daemon.process.pid
+    threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+
+    # kill() aimed at a thread id delivers the signal to that thread.
+    os.kill(threads[-1], signum)
+
+    assert daemon.process.wait(timeout=10) == 0
+    assert f"received {signum.name}; stopping" in daemon.log()
+    daemon.start()
+    assert shared["written"] == 1
 
 
 # Reconnecting after the daemon restarts.

@@ -39,11 +39,18 @@ logger = logging.getLogger(__name__)
 ACCEPT_RETRY_DELAY = 0.1
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
+# Signals that stop the daemon gracefully.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 ExtraOperation = Callable[[Connection, int, list[Any]], "bytes | None"]
 
 
 # Seconds between checks that each connection's process is still alive.
 PEER_CHECK_INTERVAL = 1.0
+
+
+def _leave_to_accept_loop(signum: int, frame: object) -> None:
+    """Do nothing: the accept loop reads the signal from the wakeup pipe and stops."""
 
 
 class Server:
@@ -109,7 +116,7 @@ class Server:
             listener = security.bind_socket(settings.socket_path)
             stack.callback(self._remove_socket, settings.socket_path)
             stack.callback(listener.close)
-            self._install_signal_handlers()
+            self._install_signal_handlers(stack)
             self.register_operation(protocol.SHUTDOWN, self._shutdown_request)
             for op, handler in self.locks.operations.items():
                 self.register_operation(op, handler)
@@ -131,16 +138,25 @@ class Server:
         logger.info("sharedict stopped pid=%d", os.getpid())
 
     def stop(self) -> None:
-        """Ask the accept loop to stop; safe from signal handlers and any thread."""
+        """Ask the accept loop to stop; safe from any thread."""
         self._stopping.set()
         with contextlib.suppress(BlockingIOError):
             os.write(self._wakeup_write, b"x")
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self, stack: contextlib.ExitStack) -> None:
+        """Make SIGTERM and SIGINT stop the accept loop, whichever thread catches them.
+
+        The kernel delivers a process's signal to any of its threads, and Python runs the
+        handler later in the main thread, which sleeps in select() meanwhile. So the
+        handlers do nothing, and Python writes each signal's number to the wakeup pipe.
+        """
         if threading.current_thread() is not threading.main_thread():
             return
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda signum, frame: self.stop())
+        for signum in STOP_SIGNALS:
+            previous = signal.signal(signum, _leave_to_accept_loop)
+            stack.callback(signal.signal, signum, previous)
+        previous_fd = signal.set_wakeup_fd(self._wakeup_write, warn_on_full_buffer=False)
+        stack.callback(signal.set_wakeup_fd, previous_fd)
 
     def _accept_loop(self, listener: socket.socket) -> None:
         listener.setblocking(False)
@@ -149,11 +165,22 @@ class Server:
             selector.register(self._wakeup_read, selectors.EVENT_READ)
             while not self._stopping.is_set():
                 for key, _ in selector.select():
-                    if key.fileobj is listener and not self._accept(listener):
+                    if key.fileobj is not listener:
+                        self._read_wakeups()
+                    elif not self._accept(listener):
                         # The listener stays readable while the daemon is out of file
                         # descriptors or threads, so wait for connections to close
                         # instead of spinning on it.
                         self._stopping.wait(ACCEPT_RETRY_DELAY)
+
+    def _read_wakeups(self) -> None:
+        """Empty the wakeup pipe, and stop if it carries the number of a stop signal."""
+        with contextlib.suppress(BlockingIOError):
+            while wakeups := os.read(self._wakeup_read, 512):
+                for signum in STOP_SIGNALS:
+                    if signum in wakeups:
+                        logger.info("received %s; stopping", signum.name)
+                        self._stopping.set()
 
     def _accept(self, listener: socket.socket) -> bool:
         """Accept the waiting connections; return False when out of resources to serve them."""
