@@ -12,16 +12,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from helpers import socket_accepts
+from helpers import STOP_TIMEOUT, launch_daemon, read_log, serve_command
 from sharedict.api.config import Settings
 from sharedict.api.transport import Client
 
@@ -31,8 +29,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 settings.load_profile("default")
-
-START_TIMEOUT = 20.0
 
 _session_dir = tempfile.mkdtemp(prefix="sd-session-", dir="/tmp")
 os.environ["SHAREDICT_SOCKET"] = os.path.join(_session_dir, "unused", "sharedict.sock")
@@ -67,34 +63,23 @@ class Daemon:
         self._clients: list[Client] = []
 
     def start(self) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "sharedict",
-            "serve",
-            "--socket",
-            self.socket_path,
-            "--data-dir",
-            self.data_dir,
-            "--log-level",
-            "DEBUG",
-            *self.extra_args,
-        ]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not socket_accepts(self.socket_path):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the daemon exited with status {self.process.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not accept connections within {START_TIMEOUT} s:\n{self.log()}")
-            time.sleep(0.01)
+        command = serve_command(self.socket_path, self.data_dir, "--log-level", "DEBUG", *self.extra_args)
+        self.process = launch_daemon(command, self.socket_path, self.log_path)
 
     def stop(self) -> None:
-        """Stop gracefully with SIGTERM and wait for the exit."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=30)
+        """Stop gracefully with SIGTERM and wait for the exit.
+
+        A daemon still running after STOP_TIMEOUT is killed, and RuntimeError shows its log.
+        """
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise RuntimeError(f"the daemon did not stop within {STOP_TIMEOUT} s of SIGTERM:\n{self.log()}") from None
 
     def kill(self) -> None:
         """Kill with SIGKILL, leaving the stale socket file behind, as a crash does."""
@@ -117,16 +102,15 @@ class Daemon:
         return client
 
     def log(self) -> str:
-        try:
-            return Path(self.log_path).read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
+        return read_log(self.log_path)
 
     def close(self) -> None:
         for client in self._clients:
             client.close()
-        self.stop()
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -66,6 +66,41 @@ def run_serve(socket_path: str, data_dir: str, *extra_args: str) -> subprocess.C
     )
 
 
+def read_log(log_path: str) -> str:
+    """Return a daemon's log, or "(no log)" before the daemon wrote one."""
+    try:
+        with open(log_path, errors="replace") as log:
+            return log.read()
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def launch_daemon(
+    command: list[str],
+    socket_path: str,
+    log_path: str,
+    *,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Run a daemon's ``command`` and return once it accepts connections.
+
+    The daemon's output is appended to ``log_path``. A daemon that fails to start
+    raises RuntimeError with the log in its message, so that CI output shows why.
+    """
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, preexec_fn=preexec_fn
+        )
+    if not wait_until(lambda: socket_accepts(socket_path) or process.poll() is not None):
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"the daemon did not accept connections within {START_TIMEOUT} s:\n{read_log(log_path)}")
+    if process.poll() is not None:
+        raise RuntimeError(f"the daemon exited with status {process.returncode}:\n{read_log(log_path)}")
+    return process
+
+
 def start_serve(
     socket_path: str, data_dir: str, log_path: str, *extra_args: str, max_open_files: int | None = None
 ) -> subprocess.Popen[bytes]:
@@ -78,21 +113,8 @@ def start_serve(
         if max_open_files is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
 
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            serve_command(socket_path, data_dir, "--log-level", "DEBUG", *extra_args),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            preexec_fn=limit_open_files,
-        )
-    if not wait_until(lambda: socket_accepts(socket_path) or process.poll() is not None):
-        process.kill()
-        process.wait()
-        raise RuntimeError(f"the daemon did not accept connections within {START_TIMEOUT} s; see {log_path}")
-    if process.poll() is not None:
-        raise RuntimeError(f"the daemon exited with status {process.returncode}; see {log_path}")
-    return process
+    command = serve_command(socket_path, data_dir, "--log-level", "DEBUG", *extra_args)
+    return launch_daemon(command, socket_path, log_path, preexec_fn=limit_open_files)
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:

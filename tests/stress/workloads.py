@@ -19,7 +19,7 @@ from typing import Any
 
 import lmdb
 
-from helpers import serve_command, socket_accepts, wait_until
+from helpers import launch_daemon, serve_command
 from sharedict import Dict
 from sharedict.api.config import Settings
 from sharedict.api.transport import Client
@@ -61,15 +61,7 @@ def start_daemon(
     command = serve_command(socket_path, data_dir, "--log-level", "DEBUG")
     if map_size is not None:
         command = [sys.executable, "-c", _SMALL_MAP_LAUNCHER, str(map_size), *command[3:]]
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-    if not wait_until(lambda: socket_accepts(socket_path) or process.poll() is not None):
-        process.kill()
-        process.wait()
-        raise RuntimeError(f"the daemon did not accept connections; see {log_path}")
-    if process.poll() is not None:
-        raise RuntimeError(f"the daemon exited with status {process.returncode}; see {log_path}")
-    return process
+    return launch_daemon(command, socket_path, log_path, env=env)
 
 
 def client_of(socket_path: str, data_dir: str) -> Client:
