@@ -165,16 +165,22 @@ def expected_state(records: list[dict]) -> dict:
     return state
 
 
-def missing_writes(state: dict) -> list[str]:
-    """Return a line for each logged write that the store does not reflect."""
-    target = Dict.from_name(DICT_NAME)
+def stored_state() -> dict:
+    """Return every entry of the writers' dict."""
+    return dict(Dict.from_name(DICT_NAME).items())
+
+
+def differences(expected: dict, actual: dict) -> list[str]:
+    """Return a line for each key whose stored state differs from the replayed log's."""
     problems = []
-    for key, value in state.items():
-        stored = target.get(key, _ABSENT)
+    for key, value in expected.items():
+        stored = actual.get(key, _ABSENT)
         if value is _ABSENT and stored is not _ABSENT:
             problems.append(f"{key}: popped, but still holds {stored!r}")
         elif value is not _ABSENT and stored != value:
             problems.append(f"{key}: expected {value!r}, found {'nothing' if stored is _ABSENT else repr(stored)}")
+    for key in actual.keys() - expected.keys():
+        problems.append(f"{key}: stored, but no logged write made it")
     return problems
 
 
@@ -206,14 +212,14 @@ def test_sigkill_loses_no_acknowledged_write(daemon, writers):
     writes, interrupted = check_writers(writers)
     assert interrupted > 0
     assert {record["op"] for record in writes} == {"put", "update", "pop", "put_if_absent"}
-    assert missing_writes(expected_state(writes)) == []
+    assert differences(expected_state(writes), stored_state()) == []
 
 
 def test_sigterm_loses_no_acknowledged_write(daemon, writers):
     interrupt_repeatedly(daemon, writers, 5, crash=False)
     writes, interrupted = check_writers(writers)
     assert interrupted > 0
-    assert missing_writes(expected_state(writes)) == []
+    assert differences(expected_state(writes), stored_state()) == []
 
 
 @pytest.mark.slow
@@ -222,4 +228,4 @@ def test_hundred_sigkills_lose_no_acknowledged_write(daemon, writers):
     interrupt_repeatedly(daemon, writers, 100, crash=True)
     writes, interrupted = check_writers(writers)
     assert interrupted > 0
-    assert missing_writes(expected_state(writes)) == []
+    assert differences(expected_state(writes), stored_state()) == []

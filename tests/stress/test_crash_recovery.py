@@ -11,32 +11,16 @@ from __future__ import annotations
 import pytest
 from stress.lmdb_integrity import check_data_dir
 from test_crash import (  # noqa: F401 - ``writers`` is a fixture
-    _ABSENT,
-    DICT_NAME,
     check_writers,
+    differences,
     expected_state,
     interrupt_repeatedly,
+    stored_state,
     writers,
 )
 
-from sharedict import Dict
-
 QUICK_KILLS = 3
 KILLS = 100
-
-
-def differences(expected: dict, actual: dict) -> list[str]:
-    """Return a line for each key whose stored state differs from the log's."""
-    problems = []
-    for key, value in expected.items():
-        stored = actual.get(key, _ABSENT)
-        if value is _ABSENT and stored is not _ABSENT:
-            problems.append(f"{key}: popped, but still holds {stored!r}")
-        elif value is not _ABSENT and stored != value:
-            problems.append(f"{key}: expected {value!r}, found {'nothing' if stored is _ABSENT else repr(stored)}")
-    for key in actual.keys() - expected.keys():
-        problems.append(f"{key}: stored, but no logged write made it")
-    return problems
 
 
 def kill_repeatedly(daemon, writers, kills: int) -> tuple[dict[str, int], list[str], list[str]]:  # noqa: F811
@@ -44,7 +28,7 @@ def kill_repeatedly(daemon, writers, kills: int) -> tuple[dict[str, int], list[s
     interrupt_repeatedly(daemon, writers, kills, crash=True)
     writes, interrupted = check_writers(writers)
 
-    actual = dict(Dict.from_name(DICT_NAME).items())
+    actual = stored_state()
     lost = differences(expected_state(writes), actual)
     daemon.stop()
     integrity = check_data_dir(daemon.data_dir)
