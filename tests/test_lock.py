@@ -494,6 +494,28 @@ def test_cancel_racing_grant_leaves_lock_free(daemon):
     assert asyncio.run(race()) == [False] * 20
 
 
+async def _await_directly(call: Any) -> Any:
+    return await call
+
+
+@pytest.mark.parametrize("wrap", [lambda call: call, _await_directly], ids=["task-of-call", "coroutine"])
+def test_grant_unseen_by_cancelled_task_released(daemon, wrap):
+    async def cancel_between_grant_and_step() -> None:
+        lock = Lock.from_name("unseen")
+        call = lock.acquire.aio()
+        # This callback runs before the wake-up that the task registers later, so the
+        # cancellation lands after the grant and before the task receives it.
+        call.add_done_callback(lambda _: task.cancel())
+        task = asyncio.create_task(wrap(call))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert call.result() is True
+        assert await lock.locked.aio() is False
+        assert await Lock.from_name("unseen").acquire.aio(blocking=False) is True
+
+    asyncio.run(cancel_between_grant_and_step())
+
+
 def test_blocking_release_of_async_hold_raises(daemon):
     async def mix() -> None:
         lock = Lock.from_name("mixed")

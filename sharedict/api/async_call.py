@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 from sharedict.api import protocol
@@ -202,6 +202,52 @@ class AsyncCall(asyncio.Future):  # type: ignore[type-arg]
         self._cancel_scheduled = False
         if not self.done():
             self._advance(None, asyncio.CancelledError(msg) if msg is not None else asyncio.CancelledError())
+
+
+class UndoableCall(AsyncCall):
+    """An ``AsyncCall`` whose result is undone when the task awaiting it cannot receive it.
+
+    A task cancelled after the call ended, but before the task's next step, raises
+    ``CancelledError`` and drops the result. A dropped lock grant would leave the lock
+    held with no owner to release it, so ``undo(result)`` runs in that case.
+    """
+
+    __slots__ = ("_undo",)
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, client: Client, body: OperationBody, undo: Callable[[Any], None]
+    ) -> None:
+        self._undo: Callable[[Any], None] | None = undo
+        super().__init__(loop, client, body)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        while not self.done():
+            self._asyncio_future_blocking = True
+            try:
+                yield self
+            except asyncio.CancelledError:
+                if not self.done():
+                    # As in throw(): the operation handles the cancellation, and the
+                    # awaiter waits for the outcome.
+                    self.cancel()
+                    continue
+                self._undo_result()
+                raise
+        return self.result()
+
+    __iter__ = __await__
+
+    def throw(self, error: Any, value: Any = None, traceback: Any = None) -> Any:
+        if value is None:
+            value = error() if isinstance(error, type) else error
+        if isinstance(value, asyncio.CancelledError) and self.done():
+            self._undo_result()
+        return super().throw(value)
+
+    def _undo_result(self) -> None:
+        undo, self._undo = self._undo, None
+        if undo is not None and not self.cancelled() and self.exception() is None:
+            undo(self.result())
 
 
 # asyncio.create_task() and TaskGroup.create_task() accept what passes for a coroutine.

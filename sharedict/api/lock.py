@@ -21,10 +21,12 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Generator
+from asyncio import _get_running_loop  # unlike get_running_loop(), returns None outside a loop
+from collections.abc import Awaitable, Generator
 from typing import Any
 
 from sharedict.api import protocol
+from sharedict.api.async_call import UndoableCall
 from sharedict.api.codec import check_environment, check_name
 from sharedict.api.errors import ConnectionLostError, InvalidError, LockNotOwnedError, LockTimeoutError
 from sharedict.api.operation import BoundOperation, _warn_if_in_event_loop, operation, run_blocking
@@ -144,6 +146,11 @@ class _PinnedConnections:
             raise
 
 
+def _retrieve_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class _NotPinned(Exception):
     """No blocking connection of this process holds the acquisition."""
 
@@ -159,8 +166,26 @@ class _BoundLockOperation(BoundOperation):
         return run_blocking(self._function(lock, *args, **kwargs), lock._connections)
 
 
+class _BoundAcquire(_BoundLockOperation):
+    """``Lock.acquire``, whose ``.aio`` form releases a grant that its cancelled awaiter never saw."""
+
+    __slots__ = ()
+
+    def aio(self, *args: Any, **kwargs: Any) -> Awaitable[bool]:
+        loop = _get_running_loop()
+        if loop is None:
+            return super().aio(*args, **kwargs)
+        lock = self._instance
+        body = self._function(lock, *args, **kwargs)
+        return UndoableCall(loop, lock._connections.client(), body, undo=lock._release_unseen_grant)
+
+
 class _lock_operation(operation):  # noqa: N801 - used as a decorator
     bound_class = _BoundLockOperation
+
+
+class _acquire_operation(_lock_operation):  # noqa: N801 - used as a decorator
+    bound_class = _BoundAcquire
 
 
 class Lock:
@@ -271,7 +296,7 @@ class Lock:
 
     # Operations: each is written once and has a blocking form and an ``.aio`` form.
 
-    @_lock_operation
+    @_acquire_operation
     def acquire(self, timeout: float | None = None, blocking: bool = True) -> Generator[Request, Any, bool]:
         """Wait until this object holds the lock; return False if ``timeout`` ran out first.
 
@@ -386,6 +411,16 @@ class Lock:
             f"{self._label} is no longer held by this Lock: {cause}; another owner may have held it since, so "
             f"work fenced with token {hold.token} is not protected; acquire the lock again"
         )
+
+    def _release_unseen_grant(self, acquired: bool) -> None:
+        """Release the lock that an ``acquire.aio()`` got after its awaiter was cancelled."""
+        if not acquired:
+            return
+        # The release runs on the loop's connection and nothing awaits it. Its outcome is
+        # retrieved so that asyncio does not log it. If it fails, the lease or the end of
+        # the connection frees the lock.
+        release = self.release.aio()
+        release.add_done_callback(_retrieve_outcome)
 
     def _forget(self, hold: _Hold) -> None:
         with self._state_lock:
