@@ -31,6 +31,7 @@ from sharedict import (
     ConnectionLostError,
     DaemonUnavailableError,
     Dict,
+    Lock,
     NotFoundError,
 )
 from sharedict.api import aio, operation, protocol
@@ -765,6 +766,39 @@ def test_blocking_iteration_in_loop_names_async_for(kv: Dict, fresh_warnings: No
 
     with pytest.warns(AsyncUsageWarning, match=r"async for \.\.\. in Dict\.keys\.aio\(\)"):
         assert asyncio.run(main()) == ["k"]
+
+
+@pytest.mark.parametrize(
+    ("manager", "blocking_form", "aio_form"),
+    [
+        (Dict.ephemeral, "`with Dict.ephemeral()`", "async with Dict.ephemeral() as d"),
+        (lambda: Lock.from_name("with-in-loop"), "`with lock`", "async with lock"),
+    ],
+    ids=["ephemeral", "lock"],
+)
+def test_blocking_with_in_loop_names_async_with(
+    daemon, fresh_warnings: None, manager: Callable[[], Any], blocking_form: str, aio_form: str
+) -> None:
+    async def main() -> None:
+        with manager():
+            pass
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(main())
+
+    # One warning on entry and one on exit, both at the with statement.
+    expected = f"{blocking_form} blocks the running event loop until the daemon replies; use `{aio_form}` instead"
+    assert [str(warning.message) for warning in caught] == [expected, expected]
+    assert {warning.filename for warning in caught} == {__file__}
+
+
+def test_blocking_manager_call_in_loop_names_dict_objects(daemon, fresh_warnings: None) -> None:
+    async def main() -> None:
+        Dict.objects.list()
+
+    with pytest.warns(AsyncUsageWarning, match=r"Dict\.objects\.list\(\) blocks .* `await Dict\.objects\.list\.aio\(\.\.\.\)`"):
+        asyncio.run(main())
 
 
 def test_async_usage_warning_is_exported() -> None:

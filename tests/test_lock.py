@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -270,6 +271,34 @@ def test_failed_extend_aio_keeps_token(daemon):
     token, token_after = asyncio.run(lose_lock())
     assert token is not None
     assert token_after == token
+
+
+def test_with_block_lost_lock_raises_once(daemon):
+    old = Lock.from_name("lost-in-with", lease=0.5)
+    new = Lock.from_name("lost-in-with")
+    with pytest.raises(LockNotOwnedError) as raised:
+        with old:
+            new.acquire(timeout=WAIT_TIMEOUT)
+            old.extend()
+    shown = "".join(traceback.format_exception(raised.value))
+    assert "During handling of the above exception" not in shown
+    assert new.locked()
+    new.release()
+
+
+def test_async_with_block_lost_lock_raises_once(daemon):
+    async def lose_lock() -> BaseException:
+        old = Lock.from_name("lost-in-async-with", lease=0.5)
+        new = Lock.from_name("lost-in-async-with")
+        with pytest.raises(LockNotOwnedError) as raised:
+            async with old:
+                await new.acquire.aio(timeout=WAIT_TIMEOUT)
+                await old.extend.aio()
+        await new.release.aio()
+        return raised.value
+
+    shown = "".join(traceback.format_exception(asyncio.run(lose_lock())))
+    assert "During handling of the above exception" not in shown
 
 
 def test_acquire_after_lost_lock_replaces_token(daemon):

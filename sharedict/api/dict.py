@@ -47,7 +47,7 @@ from sharedict.api.errors import (
     NotFoundError,
     RequestSizeError,
 )
-from sharedict.api.operation import Items, OperationBody, iteration, operation
+from sharedict.api.operation import Items, OperationBody, _warn_if_in_event_loop, iteration, operation
 from sharedict.api.transport import Client, Request
 
 PAGE_SIZE = 1000
@@ -504,6 +504,9 @@ def _restore_dict(object_id: str, name: str | None, environment_name: str) -> Di
     return Dict._handle(name=name, environment_name=environment_name, object_id=_parse_id(object_id))
 
 
+_ASYNC_WITH_EPHEMERAL = "async with Dict.ephemeral() as d"
+
+
 class EphemeralDict:
     """The context manager of ``Dict.ephemeral()``, for ``with`` and ``async with``."""
 
@@ -531,9 +534,11 @@ class EphemeralDict:
                 pass
 
     def __enter__(self) -> Dict:
+        _warn_if_in_event_loop("EphemeralDict._create", _ASYNC_WITH_EPHEMERAL, "`with Dict.ephemeral()`")
         return self._create()
 
     def __exit__(self, *exc_info: Any) -> None:
+        _warn_if_in_event_loop("EphemeralDict._delete", _ASYNC_WITH_EPHEMERAL, "`with Dict.ephemeral()`")
         self._delete()
 
     async def __aenter__(self) -> Dict:

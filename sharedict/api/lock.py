@@ -430,11 +430,19 @@ class Lock:
     # Context managers.
 
     def __enter__(self) -> Lock:
+        _warn_if_in_event_loop("Lock.acquire", "async with lock", "`with lock`")
         if not self.acquire():
             raise LockTimeoutError(self._timeout_message())
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: Any) -> None:
+        _warn_if_in_event_loop("Lock.release", "async with lock", "`with lock`")
+        if isinstance(exc, LockNotOwnedError):
+            # The block already raised that the lock was lost, so the release here would
+            # only raise the same error again.
+            with contextlib.suppress(LockNotOwnedError):
+                self.release()
+            return
         self.release()
 
     async def __aenter__(self) -> Lock:
@@ -442,7 +450,11 @@ class Lock:
             raise LockTimeoutError(self._timeout_message())
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: Any) -> None:
+        if isinstance(exc, LockNotOwnedError):
+            with contextlib.suppress(LockNotOwnedError):
+                await self.release.aio()
+            return
         await self.release.aio()
 
     def _timeout_message(self) -> str:

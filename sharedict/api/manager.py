@@ -31,6 +31,7 @@ def _aware_time(created_before: datetime.datetime | str) -> datetime.datetime:
 class DictManager:
     """Management of named dicts, as ``Dict.objects``."""
 
+    api_name = "Dict.objects"
     _client = None
 
     @operation

@@ -65,19 +65,23 @@ class Items:
 _warned: set[str] = set()
 
 
-def _warn_if_in_event_loop(name: str, aio_form: str | None = None) -> None:
+def _warn_if_in_event_loop(name: str, aio_form: str | None = None, blocking_form: str | None = None) -> None:
     """Warn, once per operation, when a blocking call runs inside an event loop.
 
-    Call it from the ``__call__`` of a bound operation: the warning points at the line
-    two frames up, the caller's.
+    Call it from the ``__call__`` of a bound operation, or from the ``__enter__`` or
+    ``__exit__`` that calls the operation: the warning points at the line two frames
+    up, the caller's. ``blocking_form`` names what the caller wrote, such as a ``with``
+    statement, when that is not a call of the operation.
     """
     if _get_running_loop() is None or name in _warned:
         return
     _warned.add(name)
     if aio_form is None:
         aio_form = f"await {name}.aio(...)"
+    if blocking_form is None:
+        blocking_form = f"{name}()"
     warnings.warn(
-        f"{name}() blocks the running event loop until the daemon replies; use `{aio_form}` instead",
+        f"{blocking_form} blocks the running event loop until the daemon replies; use `{aio_form}` instead",
         AsyncUsageWarning,
         stacklevel=3,
     )
@@ -348,7 +352,8 @@ class operation:  # noqa: N801 - used as a decorator, like property
     def __set_name__(self, owner: type, name: str) -> None:
         if self._owner is None:
             self._owner = owner
-            self._name = f"{owner.__name__}.{name}"
+            # Messages name the operation as callers write it, such as Dict.objects.list.
+            self._name = f"{getattr(owner, 'api_name', owner.__name__)}.{name}"
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
