@@ -19,6 +19,7 @@ from typing import Any
 import cloudpickle
 import pytest
 
+import sharedict
 from sharedict import (
     AlreadyExistsError,
     Client,
@@ -603,6 +604,16 @@ def test_stale_handle_after_recreate(daemon):
         d.put("other", "value")
     assert renewed["key"] == "new"
     assert renewed.len() == 1
+
+
+# Exceptions.
+
+
+@pytest.mark.parametrize("name", [name for name in sharedict.__all__ if name.endswith(("Error", "Warning"))])
+def test_exception_named_by_public_module(name):
+    exception_class = getattr(sharedict, name)
+    assert exception_class.__module__ == "sharedict"
+    assert pickle.loads(pickle.dumps(exception_class)) is exception_class
 
 
 # info, hydrate, repr and identity.

@@ -71,6 +71,28 @@ class AsyncUsageWarning(UserWarning):
     """A blocking sharedict call was made inside a running event loop."""
 
 
+# Tracebacks name each class by the module that users import it from, sharedict, as in
+# sharedict.NotFoundError. Pickle finds the classes there too.
+for _public in (
+    Error,
+    NotFoundError,
+    AlreadyExistsError,
+    InvalidError,
+    RequestSizeError,
+    SerializationError,
+    DeserializationError,
+    StorageFullError,
+    DaemonUnavailableError,
+    ConnectionLostError,
+    ProtocolError,
+    InternalError,
+    LockTimeoutError,
+    LockNotOwnedError,
+    AsyncUsageWarning,
+):
+    _public.__module__ = "sharedict"
+del _public
+
 # Error codes on the wire. The daemon sends the code and a message; the client raises the
 # class from this table. Codes are stable: never renumber one, only add new ones.
 ERROR_CODES: dict[int, type[Exception]] = {
