@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import daemon_pids, kill_pid, wait_until
+from helpers import daemon_pids, kill_pid, launch_daemon, serve_command, wait_until
 from sharedict import Dict
-from sharedict.api import protocol
+from sharedict.api import cli, protocol
 from sharedict.api.config import Settings
 from sharedict.api.errors import NotFoundError
 from sharedict.api.transport import Client, Request
@@ -322,7 +322,10 @@ def test_write_of_other_process_seen_at_once(module_daemon):
 # Stopping. The kernel delivers a signal sent to a process to any of its threads.
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+STOP_SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+
+
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=[signum.name for signum in STOP_SIGNALS])
 def test_signal_to_other_thread_stops_daemon(daemon, signum):
     shared = Dict.from_name("stopping", create_if_missing=True)
     shared["written"] = 1
@@ -336,6 +339,42 @@ def test_signal_to_other_thread_stops_daemon(daemon, signum):
     assert f"received {signum.name}; stopping" in daemon.log()
     daemon.start()
     assert shared["written"] == 1
+
+
+def test_signal_at_startup_stops_daemon_cleanly(tmp_path):
+    # The socket file appears when the daemon binds it, before it accepts connections.
+    # A signal from then on must stop the daemon gracefully and remove the socket.
+    socket_path = os.path.join(tempfile.mkdtemp(prefix="sd-", dir="/tmp"), "sharedict.sock")
+    for attempt in range(10):
+        data_dir = str(tmp_path / f"data-{attempt}")
+        with open(tmp_path / "daemon.log", "ab") as log:
+            process = subprocess.Popen(serve_command(socket_path, data_dir), stdout=log, stderr=log)
+        while not os.path.exists(socket_path):  # polled without pauses, to signal at once
+            assert process.poll() is None, f"the daemon exited with status {process.returncode}"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        assert not os.path.exists(socket_path)
+
+
+def test_inherited_blocked_sigterm_stops_daemon(tmp_path):
+    # A program that blocks SIGTERM passes its mask to the daemon it auto-starts.
+    socket_path = os.path.join(tempfile.mkdtemp(prefix="sd-", dir="/tmp"), "sharedict.sock")
+    process = launch_daemon(
+        serve_command(socket_path, str(tmp_path / "data")),
+        socket_path,
+        str(tmp_path / "daemon.log"),
+        preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM]),
+    )
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0
+
+
+def test_detach_report_survives_parent_gone():
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    cli._report_outcome(write_end, b"ready")
+    with pytest.raises(OSError):
+        os.fstat(write_end)
 
 
 # Reconnecting after the daemon restarts.

@@ -29,7 +29,7 @@ from sharedict.api.autostart import EXIT_ALREADY_RUNNING, process_running
 from sharedict.api.cli_common import CommandError, print_rich
 from sharedict.api.cli_format import format_bytes, format_duration, format_timestamp
 from sharedict.api.config import EXPIRE_AFTER_VALUES, SWEEP_INTERVAL_VALUES, Settings, parse_seconds
-from sharedict.api.errors import Error
+from sharedict.api.errors import ConnectionLostError, DaemonUnavailableError, Error
 from sharedict.api.transport import Client, Request
 
 STOP_TIMEOUT = 30.0
@@ -168,16 +168,14 @@ def serve(
 
     def ready() -> None:
         if report is not None:
-            os.write(report, b"ready")
-            os.close(report)
+            _report_outcome(report, b"ready")
 
     try:
         Server(settings).run(on_ready=ready)
     except SetupError as exc:
         already_running = isinstance(exc, AlreadyRunning)
         if report is not None:
-            os.write(report, (b"running:" if already_running else b"failed:") + str(exc).encode())
-            os.close(report)
+            _report_outcome(report, (b"running:" if already_running else b"failed:") + str(exc).encode())
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_ALREADY_RUNNING if already_running else 1)
 
@@ -204,6 +202,15 @@ def _detach() -> int:
     os.dup2(null, 0)
     os.close(null)
     return write_end
+
+
+def _report_outcome(report: int, outcome: bytes) -> None:
+    """Tell the waiting ``serve --detach`` how the start went, if it still waits."""
+    # The waiting process may have been killed, by Ctrl-C for example. The daemon serves
+    # all the same, since clients started it for their use.
+    with contextlib.suppress(BrokenPipeError):
+        os.write(report, outcome)
+    os.close(report)
 
 
 @contextlib.contextmanager
@@ -312,7 +319,12 @@ def stop(socket_path: str | None) -> None:
     """
     with _running_daemon(socket_path, "there is nothing to stop") as client:
         pid = client.call(Request(protocol.STATUS))["pid"]
-        client.call(Request(protocol.SHUTDOWN))
+        try:
+            client.call(Request(protocol.SHUTDOWN))
+        except (ConnectionLostError, DaemonUnavailableError):
+            # The daemon went away between the two requests, as when a SIGTERM stops it
+            # at the same time, so wait for its pid as after a shutdown.
+            pass
     deadline = time.monotonic() + STOP_TIMEOUT
     while process_running(pid):
         if time.monotonic() > deadline:

@@ -1,8 +1,8 @@
 """The daemon: one process per data directory that serves the engine on a Unix socket.
 
 ``Server.run()`` takes the data directory's lock and the socket's lock, opens the store,
-starts the writer and the sweeper, and accepts connections until SIGTERM, SIGINT or a
-``shutdown`` request. Stopping finishes the commits in flight before the process exits.
+starts the writer and the sweeper, and accepts connections until SIGTERM, SIGINT, SIGHUP
+or a ``shutdown`` request. Stopping finishes the commits in flight before the process exits.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ logger = logging.getLogger(__name__)
 ACCEPT_RETRY_DELAY = 0.1
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
-# Signals that stop the daemon gracefully.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Signals that stop the daemon gracefully. SIGHUP comes when the terminal of a
+# foreground daemon closes.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 ExtraOperation = Callable[[Connection, int, list[Any]], "bytes | None"]
 
@@ -96,6 +97,10 @@ class Server:
             logger.warning("%s was open to other users; its mode is now private to its owner", path)
 
         with contextlib.ExitStack() as stack:
+            # First, so that a signal during start-up waits in the wakeup pipe instead of
+            # killing the daemon with its socket bound, and so that the handlers are
+            # restored last, after the store is closed.
+            self._install_signal_handlers(stack)
             data_lock = os.path.join(settings.data_dir, "daemon.lock")
             stack.enter_context(security.exclusive_lock(data_lock, settings.data_dir, settings.socket_path))
             socket_lock = settings.socket_path + ".lock"
@@ -116,7 +121,6 @@ class Server:
             listener = security.bind_socket(settings.socket_path)
             stack.callback(self._remove_socket, settings.socket_path)
             stack.callback(listener.close)
-            self._install_signal_handlers(stack)
             self.register_operation(protocol.SHUTDOWN, self._shutdown_request)
             for op, handler in self.locks.operations.items():
                 self.register_operation(op, handler)
@@ -144,7 +148,7 @@ class Server:
             os.write(self._wakeup_write, b"x")
 
     def _install_signal_handlers(self, stack: contextlib.ExitStack) -> None:
-        """Make SIGTERM and SIGINT stop the accept loop, whichever thread catches them.
+        """Make the stop signals stop the accept loop, whichever thread catches them.
 
         The kernel delivers a process's signal to any of its threads, and Python runs the
         handler later in the main thread, which sleeps in select() meanwhile. So the
@@ -152,11 +156,16 @@ class Server:
         """
         if threading.current_thread() is not threading.main_thread():
             return
+        previous_fd = signal.set_wakeup_fd(self._wakeup_write, warn_on_full_buffer=False)
+        stack.callback(signal.set_wakeup_fd, previous_fd)
         for signum in STOP_SIGNALS:
             previous = signal.signal(signum, _leave_to_accept_loop)
             stack.callback(signal.signal, signum, previous)
-        previous_fd = signal.set_wakeup_fd(self._wakeup_write, warn_on_full_buffer=False)
-        stack.callback(signal.set_wakeup_fd, previous_fd)
+
+        # A daemon inherits the signal mask of the program that started it, which may
+        # block SIGTERM. The threads started later inherit the mask set here.
+        previous_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        stack.callback(signal.pthread_sigmask, signal.SIG_SETMASK, previous_mask)
 
     def _accept_loop(self, listener: socket.socket) -> None:
         listener.setblocking(False)
