@@ -589,16 +589,30 @@ def test_status_command_shows_lock(daemon, capsys):
     assert "shown" in capsys.readouterr().out
 
 
-def test_status_command_shows_no_lease(daemon, capsys):
-    lock = Lock.from_name("unleased", lease=None)
-    lock.acquire()
+def status_row(daemon: Any, capsys: pytest.CaptureFixture[str], name: str) -> dict[str, str]:
+    """Return the cells of lock ``name`` in `sharedict status`, by column."""
     assert cli.main(["status", "--socket", daemon.socket_path]) == 0
     lines = capsys.readouterr().out.splitlines()
     # Cells are separated by two or more spaces; a time has one space inside.
     header = re.split(r" {2,}", next(line for line in lines if line.startswith("name ")).strip())
-    row = re.split(r" {2,}", next(line for line in lines if line.startswith("unleased ")).strip())
-    assert row[header.index("lease")] == "none"
-    assert row[header.index("lease remaining")] == "none"
+    row = re.split(r" {2,}", next(line for line in lines if line.startswith(f"{name} ")).strip())
+    return dict(zip(header, row))
+
+
+def test_status_command_shows_no_lease(daemon, capsys):
+    lock = Lock.from_name("unleased", lease=None)
+    lock.acquire()
+    row = status_row(daemon, capsys, "unleased")
+    assert row["lease"] == "none"
+    assert row["lease remaining"] == "none"
+
+
+def test_status_command_shortens_huge_lease(daemon, capsys):
+    lock = Lock.from_name("centuries", lease=1e300)
+    lock.acquire()
+    row = status_row(daemon, capsys, "centuries")
+    assert row["lease"] == "1e+300 s"
+    assert row["lease remaining"] == "1e+300 s"
 
 
 @pytest.mark.parametrize("lease", [0, -1, float("nan"), float("inf"), True, 10**400])

@@ -270,6 +270,9 @@ def _print_locks(locks: list[dict[str, Any]]) -> None:
     print_rich(Console(highlight=False), table)
 
 
+LONG_LEASE = 365 * 86400.0
+
+
 def _lock_field(field: str, value: Any) -> str:
     if value is None:
         # A lock taken with lease=None has no lease, so nothing remains of one either.
@@ -277,7 +280,9 @@ def _lock_field(field: str, value: Any) -> str:
     if field.endswith("_at") and isinstance(value, (int, float)):
         return format_timestamp(value)
     if field.startswith("lease") and isinstance(value, (int, float)):
-        return f"{value:.1f} s"
+        # A lease may be any finite number of seconds. One of a year or more reads
+        # better in scientific notation than in hundreds of digits.
+        return f"{value:.1f} s" if value < LONG_LEASE else f"{value:.3g} s"
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, bytes):
