@@ -772,8 +772,9 @@ def test_export_stopped_by_sigterm_leaves_nothing(daemon, name, child_env, tmp_p
         stderr=subprocess.PIPE,
         text=True,
     )
-    # Once the partial file exists, pausing the daemon keeps the export waiting inside its scan.
-    assert wait_until(lambda: any(tmp_path.glob(".backup.sdx.*.partial")))
+    # From the moment the partial file exists, a SIGTERM must remove it, so the signal
+    # goes out at once. Pausing the daemon keeps the export waiting inside its scan.
+    assert wait_until(lambda: any(tmp_path.glob(".backup.sdx.*.partial")), interval=0)
     os.kill(daemon.process.pid, signal.SIGSTOP)
     try:
         export.send_signal(signal.SIGTERM)

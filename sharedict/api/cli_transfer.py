@@ -94,31 +94,34 @@ def export_command(name: str, file: str, environment_name: str) -> None:
     total = handle.len()
     path = os.path.abspath(file)
 
-    try:
-        temporary = tempfile.NamedTemporaryFile(
-            "wb", dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".partial", delete=False
-        )
-    except OSError as exc:
-        raise CommandError(
-            f"cannot write export file {file!r}: {exc.strerror}; check that its directory exists and is writable"
-        ) from None
+    # The handler is set before the partial file exists, so that a SIGTERM at any moment
+    # after that runs the cleanup below.
+    with _terminated_as_error(f"the export to {file!r} was stopped"):
+        try:
+            temporary = tempfile.NamedTemporaryFile(
+                "wb", dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".partial", delete=False
+            )
+        except OSError as exc:
+            raise CommandError(
+                f"cannot write export file {file!r}: {exc.strerror}; check that its directory exists and is writable"
+            ) from None
 
-    try:
-        with temporary, _progress() as progress, _terminated_as_error(f"the export to {file!r} was stopped"):
-            task = progress.add_task(f"exporting dict {name}", total=total)
-            count = _write_export(temporary, handle, name, environment_name, lambda: progress.advance(task))
-            progress.update(task, total=count, completed=count)
-            temporary.flush()
-            os.fsync(temporary.fileno())
-        os.replace(temporary.name, path)
-    except OSError as exc:
-        raise CommandError(
-            f"cannot write export file {file!r}: {exc.strerror or exc}; the file was left as it was"
-        ) from None
-    finally:
-        # After a successful replace there is nothing left to remove.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary.name)
+        try:
+            with temporary, _progress() as progress:
+                task = progress.add_task(f"exporting dict {name}", total=total)
+                count = _write_export(temporary, handle, name, environment_name, lambda: progress.advance(task))
+                progress.update(task, total=count, completed=count)
+                temporary.flush()
+                os.fsync(temporary.fileno())
+            os.replace(temporary.name, path)
+        except OSError as exc:
+            raise CommandError(
+                f"cannot write export file {file!r}: {exc.strerror or exc}; the file was left as it was"
+            ) from None
+        finally:
+            # After a successful replace there is nothing left to remove.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary.name)
 
     click.echo(
         f"exported {count_of(count, 'entry', 'entries')} of dict {name!r} to {file} "
