@@ -23,11 +23,12 @@ import pytest
 
 from helpers import wait_until
 from sharedict import Dict, Lock
-from sharedict.api import protocol
+from sharedict.api import cli, protocol
 from sharedict.api.cli import main
+from sharedict.api.cli_common import CommandError
 from sharedict.api.cli_transfer import FORMAT_VERSION
 from sharedict.api.serialization import encode_key, match_key_of
-from sharedict.api.transport import Client
+from sharedict.api.transport import Client, Request
 
 Run = Callable[..., tuple[int, str, str]]
 
@@ -1026,6 +1027,16 @@ def test_stop_without_daemon_fails(run, no_daemon):
     assert code == 1
     assert "nothing to stop" in err
     assert not os.path.exists(no_daemon)
+
+
+def test_daemon_gone_after_check_gives_cli_advice(daemon):
+    # The daemon stops between the check that it runs and the command's request, as when
+    # a SIGTERM races `sharedict status` or `sharedict stop`.
+    with pytest.raises(CommandError) as raised:
+        with cli._running_daemon(daemon.socket_path, "there is nothing to stop") as client:
+            daemon.stop()
+            client.call(Request(protocol.STATUS))
+    assert str(raised.value) == f"no sharedict daemon is running on {daemon.socket_path}; there is nothing to stop"
 
 
 def test_data_command_starts_daemon_then_stop(run, no_daemon, name):

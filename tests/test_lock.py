@@ -545,6 +545,26 @@ def test_grant_unseen_by_cancelled_task_released(daemon, wrap):
     asyncio.run(cancel_between_grant_and_step())
 
 
+def test_cancel_after_sending_task_ended_undoes_grant(daemon):
+    async def cancel_with_outcome_queued() -> None:
+        lock = Lock.from_name("queued-outcome")
+        # The loop has no connection yet, so a task opens one and sends the acquire.
+        call = lock.acquire.aio()
+        sender = call._task
+        assert sender is not None
+
+        # Cancel once the task has ended but before the call has taken its result, the
+        # order in which the loop may run the two callbacks.
+        sender.remove_done_callback(call._task_done)
+        sender.add_done_callback(lambda _: call.cancel())
+        sender.add_done_callback(call._task_done)
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert await lock.locked.aio() is False
+
+    asyncio.run(cancel_with_outcome_queued())
+
+
 def test_blocking_release_of_async_hold_raises(daemon):
     async def mix() -> None:
         lock = Lock.from_name("mixed")

@@ -7,6 +7,7 @@ environment, which points them at the test's daemon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -14,13 +15,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers import daemon_pids, kill_pid, launch_daemon, serve_command, wait_until
+from helpers import daemon_pids, kill_pid, launch_daemon, read_log, serve_command, socket_accepts, wait_until
 from sharedict import Dict
 from sharedict.api import cli, protocol
 from sharedict.api.config import Settings
@@ -367,6 +369,51 @@ def test_inherited_blocked_sigterm_stops_daemon(tmp_path):
     )
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT], ids=["SIGHUP", "SIGINT"])
+def test_ignored_signal_of_parent_stays_ignored(tmp_path, signum):
+    # nohup ignores SIGHUP, and a shell ignores SIGINT for a background job.
+    socket_path = os.path.join(tempfile.mkdtemp(prefix="sd-", dir="/tmp"), "sharedict.sock")
+    process = launch_daemon(
+        serve_command(socket_path, str(tmp_path / "data")),
+        socket_path,
+        str(tmp_path / "daemon.log"),
+        preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN),
+    )
+    process.send_signal(signum)
+    # A daemon that took the signal as a stop request exits within milliseconds.
+    assert not wait_until(lambda: process.poll() is not None, timeout=1)
+    assert socket_accepts(socket_path)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0
+
+
+def test_signals_during_shutdown_end_daemon_cleanly(tmp_path):
+    socket_path = os.path.join(tempfile.mkdtemp(prefix="sd-", dir="/tmp"), "sharedict.sock")
+    log_path = str(tmp_path / "daemon.log")
+    for attempt in range(5):
+        process = launch_daemon(serve_command(socket_path, str(tmp_path / "data")), socket_path, log_path)
+        # Keep signalling until the process is gone, through its shutdown and its exit.
+        while process.poll() is None:
+            for signum in STOP_SIGNALS:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signum)
+            time.sleep(0.0005)
+        assert process.returncode == 0, f"attempt {attempt}"
+    assert read_log(log_path).count("sharedict stopped") == 5
+
+
+def test_detached_daemon_releases_callers_pipes(cold_paths):
+    # As in $(sharedict serve --detach): the caller reads until every copy of its pipe closes.
+    socket_path, data_dir = cold_paths
+    completed = subprocess.run(
+        serve_command(socket_path, data_dir, "--detach"), capture_output=True, text=True, timeout=30, check=False
+    )
+    assert completed.returncode == 0
+    assert completed.stdout == ""
+    assert completed.stderr == ""
+    assert wait_until(lambda: "serving" in read_log(os.path.join(data_dir, "daemon.log")))
 
 
 def test_detach_report_survives_parent_gone():

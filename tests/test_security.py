@@ -407,6 +407,7 @@ def test_detached_second_daemon_exits_3(module_daemon):
     other_socket = os.path.join(module_daemon.socket_dir, "other.sock")
     completed = run_serve(other_socket, module_daemon.data_dir, "--detach")
     assert completed.returncode == EXIT_ALREADY_RUNNING
+    assert completed.stderr.count("is already running") == 1
 
 
 # Auto-start writes a log and a lock file before any daemon checks the directories, so

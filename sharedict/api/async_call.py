@@ -145,6 +145,11 @@ class AsyncCall(asyncio.Future):  # type: ignore[type-arg]
         self._task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if task is not self._task:
+            # cancel() withdrew the task after it ended, with this callback queued already.
+            # The operation gets the cancellation instead of the result, as it would
+            # for a reply on the connection, so that a lock grant is undone.
+            return
         self._task = None
         if task.cancelled():
             error: BaseException | None = asyncio.CancelledError()

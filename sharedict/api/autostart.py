@@ -95,8 +95,7 @@ def start_daemon(settings: Settings, is_up: Callable[[], bool], timeout: float =
             repr(settings.sweep_interval),
         ]
         logger.debug("starting the daemon: %s", command)
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with open(log_fd, "ab") as log:
+        with open(open_daemon_log(settings.data_dir), "ab") as log:
             # --detach forks the daemon and exits once it serves, so this waits only for
             # the start-up, and no zombie is left behind.
             completed = subprocess.run(
@@ -122,6 +121,13 @@ def start_daemon(settings: Settings, is_up: Callable[[], bool], timeout: float =
                     f"see {log_path}"
                 )
             time.sleep(0.005)
+
+
+def open_daemon_log(data_dir: str) -> int:
+    """Open the daemon's log in ``data_dir`` for appending, private to its owner; return the descriptor."""
+    # O_NOFOLLOW: a symlink planted in the data directory must not redirect the writes.
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(os.path.join(data_dir, LOG_NAME), flags, 0o600)
 
 
 def no_daemon_error(settings: Settings) -> DaemonUnavailableError:

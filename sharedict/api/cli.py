@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from sharedict.api import protocol
-from sharedict.api.autostart import EXIT_ALREADY_RUNNING, process_running
+from sharedict.api.autostart import EXIT_ALREADY_RUNNING, LOG_NAME, open_daemon_log, process_running
 from sharedict.api.cli_common import CommandError, print_rich
 from sharedict.api.cli_format import format_bytes, format_duration, format_timestamp
 from sharedict.api.config import EXPIRE_AFTER_VALUES, SWEEP_INTERVAL_VALUES, Settings, parse_seconds
@@ -152,7 +152,10 @@ def serve(
     log_level: str,
     detach: bool,
 ) -> None:
-    """Run the daemon in the foreground, logging to stderr."""
+    """Run the daemon in the foreground, logging to stderr.
+
+    With --detach, the daemon logs to daemon.log in its data directory instead.
+    """
     from sharedict.daemon import AlreadyRunning, Server, SetupError
 
     settings = _settings(socket_path, data_dir, expire_after=expire_after, sweep_interval=sweep_interval)
@@ -164,23 +167,26 @@ def serve(
 
     report = None
     if detach:
-        report = _detach()
+        report = _detach(settings)
 
     def ready() -> None:
         if report is not None:
             _report_outcome(report, b"ready")
 
     try:
+        if report is not None:
+            _log_to_data_dir(settings)
         Server(settings).run(on_ready=ready)
     except SetupError as exc:
         already_running = isinstance(exc, AlreadyRunning)
-        if report is not None:
-            _report_outcome(report, (b"running:" if already_running else b"failed:") + str(exc).encode())
-        click.echo(f"Error: {exc}", err=True)
+        outcome = (b"running:" if already_running else b"failed:") + str(exc).encode()
+        # The waiting process prints the error. If no process waits, the log gets it.
+        if report is None or not _report_outcome(report, outcome):
+            click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_ALREADY_RUNNING if already_running else 1)
 
 
-def _detach() -> int:
+def _detach(settings: Settings) -> int:
     """Fork a daemon process; in the parent, wait for its start-up and exit with its outcome.
 
     Returns, in the daemon process, the pipe on which to report that it serves.
@@ -194,7 +200,12 @@ def _detach() -> int:
         outcome = b"".join(chunks)
         if outcome == b"ready":
             os._exit(0)
-        os._exit(EXIT_ALREADY_RUNNING if outcome.startswith(b"running:") else 1)
+        kind, _, message = outcome.partition(b":")
+        if not message:
+            log_path = os.path.join(settings.data_dir, LOG_NAME)
+            message = f"the daemon exited during its start-up; see {log_path}".encode()
+        click.echo(f"Error: {message.decode(errors='replace')}", err=True)
+        os._exit(EXIT_ALREADY_RUNNING if kind == b"running" else 1)
 
     os.close(read_end)
     os.setsid()
@@ -204,23 +215,55 @@ def _detach() -> int:
     return write_end
 
 
-def _report_outcome(report: int, outcome: bytes) -> None:
-    """Tell the waiting ``serve --detach`` how the start went, if it still waits."""
+def _log_to_data_dir(settings: Settings) -> None:
+    """Point the detached daemon's stdout and stderr at its log, off the caller's terminal or pipe.
+
+    A caller such as ``$(sharedict serve --detach)`` waits until every copy of its pipe
+    closes, so a daemon that kept one would keep the caller waiting.
+    """
+    from sharedict.daemon import security
+
+    security.prepare_private_dir(settings.data_dir, "data directory")
+    try:
+        log = open_daemon_log(settings.data_dir)
+    except OSError as exc:
+        log_path = os.path.join(settings.data_dir, LOG_NAME)
+        raise security.SetupError(
+            f"cannot open the daemon's log {log_path}: {exc.strerror}; it must be a regular file of yours, not a symlink"
+        ) from None
+    os.dup2(log, sys.stdout.fileno())
+    os.dup2(log, sys.stderr.fileno())
+    os.close(log)
+
+
+def _report_outcome(report: int, outcome: bytes) -> bool:
+    """Tell the waiting ``serve --detach`` how the start went; return False if no process waits."""
     # The waiting process may have been killed, by Ctrl-C for example. The daemon serves
     # all the same, since clients started it for their use.
-    with contextlib.suppress(BrokenPipeError):
+    try:
         os.write(report, outcome)
-    os.close(report)
+    except BrokenPipeError:
+        return False
+    finally:
+        os.close(report)
+    return True
 
 
 @contextlib.contextmanager
 def _running_daemon(socket_path: str | None, not_running: str) -> Iterator[Client]:
     """Yield a client of the running daemon; raise ``CommandError`` ending in ``not_running`` when none runs."""
     client = _daemon_client(socket_path)
+    no_daemon = f"no sharedict daemon is running on {client.settings.socket_path}; {not_running}"
     try:
         if not client.daemon_is_up():
-            raise CommandError(f"no sharedict daemon is running on {client.settings.socket_path}; {not_running}")
+            raise CommandError(no_daemon)
         yield client
+    except DaemonUnavailableError:
+        if client.daemon_is_up():
+            raise  # a daemon accepts connections but did not reply in time
+        # The daemon stopped after the check. The client's own message would suggest
+        # Settings(autostart=True), which means nothing on the command line.
+        raise CommandError(no_daemon) from None
     finally:
         client.close()
 

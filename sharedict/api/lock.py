@@ -306,7 +306,9 @@ class Lock:
             blocking: False tries once and returns at once; it takes no timeout.
 
         A cancelled ``acquire.aio()`` leaves nothing behind: it withdraws its place in
-        the queue, or releases the lock if the grant crossed the cancellation.
+        the queue, or releases the lock if the grant crossed the cancellation. A
+        wrapper such as ``gather`` or ``shield`` that drops the result of a finished
+        acquire leaves the lock held by this object, as ``asyncio.Lock`` would.
         """
         if not blocking:
             if timeout is not None:

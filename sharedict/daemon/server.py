@@ -88,7 +88,9 @@ class Server:
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until stopped; raise ``SetupError`` when another daemon runs or a check fails.
 
-        ``on_ready`` is called once the socket accepts connections.
+        ``on_ready`` is called once the socket accepts connections. In the main thread,
+        run() takes SIGTERM, SIGINT and SIGHUP as stop requests, and leaves them ignored
+        when it returns, since the process is then about to exit.
         """
         settings = self.settings
         security.prepare_private_dir(settings.data_dir, "data directory")
@@ -98,8 +100,7 @@ class Server:
 
         with contextlib.ExitStack() as stack:
             # First, so that a signal during start-up waits in the wakeup pipe instead of
-            # killing the daemon with its socket bound, and so that the handlers are
-            # restored last, after the store is closed.
+            # killing the daemon with its socket bound. Its exit callbacks run last.
             self._install_signal_handlers(stack)
             data_lock = os.path.join(settings.data_dir, "daemon.lock")
             stack.enter_context(security.exclusive_lock(data_lock, settings.data_dir, settings.socket_path))
@@ -159,8 +160,14 @@ class Server:
         previous_fd = signal.set_wakeup_fd(self._wakeup_write, warn_on_full_buffer=False)
         stack.callback(signal.set_wakeup_fd, previous_fd)
         for signum in STOP_SIGNALS:
-            previous = signal.signal(signum, _leave_to_accept_loop)
-            stack.callback(signal.signal, signum, previous)
+            # nohup, and shells for background jobs, ignore SIGHUP or SIGINT so that a
+            # closing terminal or a Ctrl-C leaves the daemon running. The daemon keeps that.
+            if signum != signal.SIGTERM and signal.getsignal(signum) == signal.SIG_IGN:
+                continue
+            signal.signal(signum, _leave_to_accept_loop)
+            # Once run() returns, the process exits, and a late signal must not end it
+            # halfway with the default action, so the signal is ignored from then on.
+            stack.callback(signal.signal, signum, signal.SIG_IGN)
 
         # A daemon inherits the signal mask of the program that started it, which may
         # block SIGTERM. The threads started later inherit the mask set here.
