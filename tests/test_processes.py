@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +19,9 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -343,57 +346,79 @@ def test_signal_to_other_thread_stops_daemon(daemon, signum):
     assert shared["written"] == 1
 
 
-def test_signal_at_startup_stops_daemon_cleanly(tmp_path):
+class OwnDaemons:
+    """``sharedict serve`` processes that a test starts on one socket and kills at its end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.socket_dir = tempfile.mkdtemp(prefix="sd-", dir="/tmp")
+        self.socket_path = os.path.join(self.socket_dir, "sharedict.sock")
+        self.log_path = str(root / "daemon.log")
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, data_dir: str) -> subprocess.Popen[bytes]:
+        """Start a daemon without waiting for it to serve."""
+        with open(self.log_path, "ab") as log:
+            process = subprocess.Popen(serve_command(self.socket_path, data_dir), stdout=log, stderr=log)
+        self.processes.append(process)
+        return process
+
+    def start(self, preexec_fn: Callable[[], Any] | None = None) -> subprocess.Popen[bytes]:
+        """Start a daemon on the data directory ``data`` and wait until it serves."""
+        command = serve_command(self.socket_path, str(self.root / "data"))
+        process = launch_daemon(command, self.socket_path, self.log_path, preexec_fn=preexec_fn)
+        self.processes.append(process)
+        return process
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def own_daemons(tmp_path: Path) -> Iterator[OwnDaemons]:
+    daemons = OwnDaemons(tmp_path)
+    yield daemons
+    daemons.close()
+
+
+def test_signal_at_startup_stops_daemon_cleanly(own_daemons, tmp_path):
     # The socket file appears when the daemon binds it, before it accepts connections.
     # A signal from then on must stop the daemon gracefully and remove the socket.
-    socket_path = os.path.join(tempfile.mkdtemp(prefix="sd-", dir="/tmp"), "sharedict.sock")
     for attempt in range(10):
-        data_dir = str(tmp_path / f"data-{attempt}")
-        with open(tmp_path / "daemon.log", "ab") as log:
-            process = subprocess.Popen(serve_command(socket_path, data_dir), stdout=log, stderr=log)
-        while not os.path.exists(socket_path):  # polled without pauses, to signal at once
+        process = own_daemons.spawn(str(tmp_path / f"data-{attempt}"))
+        while not os.path.exists(own_daemons.socket_path):  # polled without pauses, to signal at once
             assert process.poll() is None, f"the daemon exited with status {process.returncode}"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
-        assert not os.path.exists(socket_path)
+        assert not os.path.exists(own_daemons.socket_path)
 
 
-def test_inherited_blocked_sigterm_stops_daemon(tmp_path):
+def test_inherited_blocked_sigterm_stops_daemon(own_daemons):
     # A program that blocks SIGTERM passes its mask to the daemon it auto-starts.
-    socket_path = os.path.join(tempfile.mkdtemp(prefix="sd-", dir="/tmp"), "sharedict.sock")
-    process = launch_daemon(
-        serve_command(socket_path, str(tmp_path / "data")),
-        socket_path,
-        str(tmp_path / "daemon.log"),
-        preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM]),
-    )
+    process = own_daemons.start(preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM]))
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0
 
 
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT], ids=["SIGHUP", "SIGINT"])
-def test_ignored_signal_of_parent_stays_ignored(tmp_path, signum):
+def test_ignored_signal_of_parent_stays_ignored(own_daemons, signum):
     # nohup ignores SIGHUP, and a shell ignores SIGINT for a background job.
-    socket_path = os.path.join(tempfile.mkdtemp(prefix="sd-", dir="/tmp"), "sharedict.sock")
-    process = launch_daemon(
-        serve_command(socket_path, str(tmp_path / "data")),
-        socket_path,
-        str(tmp_path / "daemon.log"),
-        preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN),
-    )
+    process = own_daemons.start(preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN))
     process.send_signal(signum)
     # A daemon that took the signal as a stop request exits within milliseconds.
     assert not wait_until(lambda: process.poll() is not None, timeout=1)
-    assert socket_accepts(socket_path)
+    assert socket_accepts(own_daemons.socket_path)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0
 
 
-def test_signals_during_shutdown_end_daemon_cleanly(tmp_path):
-    socket_path = os.path.join(tempfile.mkdtemp(prefix="sd-", dir="/tmp"), "sharedict.sock")
-    log_path = str(tmp_path / "daemon.log")
+def test_signals_during_shutdown_end_daemon_cleanly(own_daemons):
     for attempt in range(5):
-        process = launch_daemon(serve_command(socket_path, str(tmp_path / "data")), socket_path, log_path)
+        process = own_daemons.start()
         # Keep signalling until the process is gone, through its shutdown and its exit.
         while process.poll() is None:
             for signum in STOP_SIGNALS:
@@ -401,7 +426,7 @@ def test_signals_during_shutdown_end_daemon_cleanly(tmp_path):
                     process.send_signal(signum)
             time.sleep(0.0005)
         assert process.returncode == 0, f"attempt {attempt}"
-    assert read_log(log_path).count("sharedict stopped") == 5
+    assert read_log(own_daemons.log_path).count("sharedict stopped") == 5
 
 
 def test_detached_daemon_releases_callers_pipes(cold_paths):
@@ -416,10 +441,41 @@ def test_detached_daemon_releases_callers_pipes(cold_paths):
     assert wait_until(lambda: "serving" in read_log(os.path.join(data_dir, "daemon.log")))
 
 
+@pytest.mark.parametrize("closed", [(1,), (2,), (1, 2)], ids=["stdout", "stderr", "both"])
+def test_detach_with_closed_standard_streams(cold_paths, closed):
+    socket_path, data_dir = cold_paths
+    completed = subprocess.run(
+        serve_command(socket_path, data_dir, "--detach"),
+        preexec_fn=lambda: os.closerange(closed[0], closed[-1] + 1),
+        timeout=30,
+        check=False,
+    )
+    assert completed.returncode == 0
+    assert wait_until(lambda: "serving" in read_log(os.path.join(data_dir, "daemon.log")))
+
+
+def test_detached_daemon_closes_inherited_descriptors(cold_paths):
+    # As in `sharedict serve --detach 3>&1 | cat`: cat waits for every writer to close.
+    socket_path, data_dir = cold_paths
+    read_end, write_end = os.pipe()
+    try:
+        completed = subprocess.run(
+            serve_command(socket_path, data_dir, "--detach"), pass_fds=[write_end], timeout=30, check=False
+        )
+        os.close(write_end)
+        assert completed.returncode == 0
+        readable, _, _ = select.select([read_end], [], [], 10)
+        assert readable, "the daemon kept the write end of the caller's pipe"
+        assert os.read(read_end, 1) == b""
+    finally:
+        os.close(read_end)
+
+
 def test_detach_report_survives_parent_gone():
     read_end, write_end = os.pipe()
     os.close(read_end)
-    cli._report_outcome(write_end, b"ready")
+    report = cli._StartupReport(write_end)
+    assert report.send(b"ready") is False
     with pytest.raises(OSError):
         os.fstat(write_end)
 

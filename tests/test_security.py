@@ -432,6 +432,15 @@ def test_autostart_refuses_open_data_dir(paths, tmp_path):
     assert victim.read_text() == "precious"
 
 
+def test_autostart_fifo_log_raises_at_once(paths):
+    # Opening a FIFO for writing would wait for a reader while holding the start-up lock.
+    socket_path, data_dir = paths
+    os.makedirs(data_dir, mode=0o700)
+    os.mkfifo(os.path.join(data_dir, "daemon.log"))
+    with pytest.raises(DaemonUnavailableError, match="the log is a regular file"):
+        Dict.from_name("kv", create_if_missing=True, client=_autostart_client(socket_path, data_dir)).len()
+
+
 def test_autostart_refuses_open_socket_dir(paths, tmp_path):
     socket_path, data_dir = paths
     os.chmod(os.path.dirname(socket_path), 0o777)

@@ -9,9 +9,11 @@ on its data directory, so even processes that bypass this lock end with one daem
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -95,7 +97,14 @@ def start_daemon(settings: Settings, is_up: Callable[[], bool], timeout: float =
             repr(settings.sweep_interval),
         ]
         logger.debug("starting the daemon: %s", command)
-        with open(open_daemon_log(settings.data_dir), "ab") as log:
+        try:
+            log_fd = open_daemon_log(settings.data_dir)
+        except OSError as exc:
+            raise DaemonUnavailableError(
+                f"cannot start the sharedict daemon: cannot open its log {log_path}: {exc.strerror}; "
+                "check that the data directory is yours and writable, and that the log is a regular file"
+            ) from None
+        with open(log_fd, "ab") as log:
             # --detach forks the daemon and exits once it serves, so this waits only for
             # the start-up, and no zombie is left behind.
             completed = subprocess.run(
@@ -124,10 +133,20 @@ def start_daemon(settings: Settings, is_up: Callable[[], bool], timeout: float =
 
 
 def open_daemon_log(data_dir: str) -> int:
-    """Open the daemon's log in ``data_dir`` for appending, private to its owner; return the descriptor."""
+    """Open the daemon's log in ``data_dir`` for appending, private to its owner; return the descriptor.
+
+    Raises OSError when the log cannot be opened or is not a regular file.
+    """
+    path = os.path.join(data_dir, LOG_NAME)
     # O_NOFOLLOW: a symlink planted in the data directory must not redirect the writes.
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    return os.open(os.path.join(data_dir, LOG_NAME), flags, 0o600)
+    # O_NONBLOCK: opening a FIFO planted there must fail instead of waiting for a reader.
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    fd = os.open(path, flags, 0o600)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    os.set_blocking(fd, True)
+    return fd
 
 
 def no_daemon_error(settings: Settings) -> DaemonUnavailableError:

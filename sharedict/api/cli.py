@@ -159,31 +159,30 @@ def serve(
     from sharedict.daemon import AlreadyRunning, Server, SetupError
 
     settings = _settings(socket_path, data_dir, expire_after=expire_after, sweep_interval=sweep_interval)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-    report = None
-    if detach:
-        report = _detach(settings)
-
-    def ready() -> None:
-        if report is not None:
-            _report_outcome(report, b"ready")
+    report = _StartupReport(_detach(settings)) if detach else None
 
     try:
         if report is not None:
             _log_to_data_dir(settings)
-        Server(settings).run(on_ready=ready)
+        logging.basicConfig(
+            stream=sys.stderr,
+            level=log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        Server(settings).run(on_ready=None if report is None else lambda: report.send(b"ready"))
     except SetupError as exc:
         already_running = isinstance(exc, AlreadyRunning)
         outcome = (b"running:" if already_running else b"failed:") + str(exc).encode()
-        # The waiting process prints the error. If no process waits, the log gets it.
-        if report is None or not _report_outcome(report, outcome):
+        # The waiting process prints the error. If no process waits, stderr gets it.
+        if report is None or not report.send(outcome):
             click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_ALREADY_RUNNING if already_running else 1)
+    except Exception as exc:
+        # An unexpected failure, such as a full disk: the waiting process prints it, and
+        # the traceback goes to the log.
+        if report is not None:
+            report.send(f"failed:{type(exc).__name__}: {exc}".encode())
+        raise
 
 
 def _detach(settings: Settings) -> int:
@@ -191,6 +190,17 @@ def _detach(settings: Settings) -> int:
 
     Returns, in the daemon process, the pipe on which to report that it serves.
     """
+    # A caller may have closed stdin, stdout or stderr. The pipe must not take one of
+    # their numbers, or the log would replace it later.
+    for standard in (0, 1, 2):
+        try:
+            os.fstat(standard)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number, so this one
+            if null != standard:
+                os.dup2(null, standard)
+                os.close(null)
+
     read_end, write_end = os.pipe()
     if os.fork() > 0:
         os.close(write_end)
@@ -209,6 +219,10 @@ def _detach(settings: Settings) -> int:
 
     os.close(read_end)
     os.setsid()
+    # Descriptors inherited from the caller, such as the write end of a pipe that the
+    # caller reads to its end, would keep the caller waiting as long as the daemon runs.
+    os.closerange(3, write_end)
+    os.closerange(write_end + 1, os.sysconf("SC_OPEN_MAX"))
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.close(null)
@@ -223,30 +237,46 @@ def _log_to_data_dir(settings: Settings) -> None:
     """
     from sharedict.daemon import security
 
-    security.prepare_private_dir(settings.data_dir, "data directory")
+    log_path = os.path.join(settings.data_dir, LOG_NAME)
     try:
+        security.prepare_private_dir(settings.data_dir, "data directory")
         log = open_daemon_log(settings.data_dir)
     except OSError as exc:
-        log_path = os.path.join(settings.data_dir, LOG_NAME)
         raise security.SetupError(
-            f"cannot open the daemon's log {log_path}: {exc.strerror}; it must be a regular file of yours, not a symlink"
+            f"cannot open the daemon's log {log_path}: {exc.strerror}; check that its directory can be created "
+            "and that the log is a regular file of yours"
         ) from None
-    os.dup2(log, sys.stdout.fileno())
-    os.dup2(log, sys.stderr.fileno())
+    os.dup2(log, 1)
+    os.dup2(log, 2)
     os.close(log)
 
+    # Python sets sys.stdout or sys.stderr to None when the caller had closed it.
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the process
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the process
 
-def _report_outcome(report: int, outcome: bytes) -> bool:
-    """Tell the waiting ``serve --detach`` how the start went; return False if no process waits."""
-    # The waiting process may have been killed, by Ctrl-C for example. The daemon serves
-    # all the same, since clients started it for their use.
-    try:
-        os.write(report, outcome)
-    except BrokenPipeError:
-        return False
-    finally:
-        os.close(report)
-    return True
+
+class _StartupReport:
+    """The pipe on which a detached daemon reports to the waiting ``serve --detach`` how its start went."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def send(self, outcome: bytes) -> bool:
+        """Send the outcome, once; return False if it was sent already or no process waits."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return False
+        # The waiting process may have been killed, by Ctrl-C for example. The daemon
+        # serves all the same, since clients started it for their use.
+        try:
+            os.write(fd, outcome)
+        except BrokenPipeError:
+            return False
+        finally:
+            os.close(fd)
+        return True
 
 
 @contextlib.contextmanager

@@ -52,8 +52,11 @@ def run_long_readers(tmp_path, *, entries: int, rounds: int, streamers: int, pau
         while not writers.join(timeout=0.05):
             slots.sample()
             assert time.monotonic() < deadline, "the writers did not finish within an hour"
-        # Fast writers can finish before a slow reader has read the whole dict once.
-        assert wait_until(lambda: tally.passes > 0), "no reader finished a pass over the dict"
+        # Fast writers can finish before a slow reader has read the whole dict once. A
+        # pass takes at least entries * pause seconds, and several times that on a busy
+        # machine.
+        pass_timeout = 60 + 4 * entries * pause
+        assert wait_until(lambda: tally.passes > 0, timeout=pass_timeout), "no reader finished a pass over the dict"
         assert readers.stop(), "the readers did not stop"
         slots.close()
 
