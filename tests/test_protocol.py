@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from helpers import start_serve, stop_process, wait_until
 from sharedict import Dict
-from sharedict.api import protocol
+from sharedict.api import aio, protocol
 from sharedict.api.config import Settings
 from sharedict.api.errors import CODE_BY_ERROR, ProtocolError, RequestSizeError
 from sharedict.api.transport import Client, Request
@@ -635,13 +635,18 @@ def test_random_request_gets_one_reply(greeted, request_id, op, args):
 
 
 class FakeDaemon:
-    """A Unix socket server that replies to each connection with the bytes it is given."""
+    """A Unix socket server that replies to each connection with the bytes it is given.
 
-    def __init__(self, hello_reply: bytes, request_reply: bytes = b"") -> None:
+    The first ``resets`` connections are closed as soon as their hello arrives, as a
+    daemon that is being killed closes them.
+    """
+
+    def __init__(self, hello_reply: bytes, request_reply: bytes = b"", resets: int = 0) -> None:
         self.directory = tempfile.mkdtemp(prefix="sd-fake-", dir="/tmp")
         self.socket_path = os.path.join(self.directory, "sharedict.sock")
         self.hello_reply = hello_reply
         self.request_reply = request_reply
+        self.resets_left = resets
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.socket_path)
         self.listener.listen(8)
@@ -656,6 +661,10 @@ class FakeDaemon:
                 return
             with sock:
                 reader = protocol.FrameReader()
+                if self.resets_left:
+                    self.resets_left -= 1
+                    self._read_frame(sock, reader)
+                    continue
                 for reply in (self.hello_reply, self.request_reply):
                     if not self._read_frame(sock, reader):
                         break
@@ -728,6 +737,35 @@ def test_async_client_rejects_broken_reply(replies, tmp_path):
     try:
         with pytest.raises(ProtocolError):
             asyncio.run(call())
+    finally:
+        fake.close()
+        client.close()
+
+
+STATUS_OK_REPLY = protocol.encode_frame_bytes([2, protocol.STATUS_OK, {"pid": 1}])
+
+
+def test_client_waits_out_handshake_resets(tmp_path):
+    fake = FakeDaemon(HELLO_OK, STATUS_OK_REPLY, resets=5)
+    client = Client(Settings(socket_path=fake.socket_path, data_dir=str(tmp_path), autostart=False))
+    try:
+        assert client.call(Request(protocol.STATUS)) == {"pid": 1}
+        assert fake.resets_left == 0
+    finally:
+        fake.close()
+        client.close()
+
+
+def test_async_client_waits_out_handshake_resets(tmp_path):
+    fake = FakeDaemon(HELLO_OK, STATUS_OK_REPLY, resets=5)
+    client = Client(Settings(socket_path=fake.socket_path, data_dir=str(tmp_path), autostart=False))
+
+    async def call() -> Any:
+        return await asyncio.wait_for(aio.call_async(client, Request(protocol.STATUS)), RECEIVE_TIMEOUT)
+
+    try:
+        assert asyncio.run(call()) == {"pid": 1}
+        assert fake.resets_left == 0
     finally:
         fake.close()
         client.close()

@@ -39,13 +39,20 @@ from typing import Any, Protocol
 import msgpack
 
 from sharedict.api import protocol
-from sharedict.api.autostart import no_daemon_error, start_daemon
+from sharedict.api.autostart import start_daemon
 from sharedict.api.errors import DaemonUnavailableError, ProtocolError, error_from_code
-from sharedict.api.transport import Client, Request, check_daemon_user, lost_write_error, request_size_error
+from sharedict.api.transport import (
+    RECONNECT_PAUSE,
+    Client,
+    ConnectAttempts,
+    Request,
+    check_daemon_user,
+    lost_write_error,
+    request_size_error,
+)
 
 logger = logging.getLogger(__name__)
 
-_NO_DAEMON_ERRORS = (errno.ENOENT, errno.ECONNREFUSED)
 # A request goes out at most this many times: a restarted daemon costs one attempt.
 ATTEMPTS = 3
 _HEADER = protocol.HEADER
@@ -386,22 +393,19 @@ def _close_connections_of_closed_loops(connections: dict[asyncio.AbstractEventLo
 
 
 async def _open(client: Client, loop: asyncio.AbstractEventLoop) -> AsyncConnection:
-    settings = client.settings
-    try:
-        return await _connect(loop, settings.socket_path)
-    except OSError as exc:
-        if exc.errno not in _NO_DAEMON_ERRORS:
-            raise DaemonUnavailableError(f"cannot connect to the daemon on {settings.socket_path}: {exc}") from exc
-    if not settings.autostart:
-        raise no_daemon_error(settings)
-
-    await loop.run_in_executor(None, start_daemon, settings, client.daemon_is_up)
-    try:
-        return await _connect(loop, settings.socket_path)
-    except OSError as exc:
-        raise DaemonUnavailableError(
-            f"the daemon started but refuses connections on {settings.socket_path}: {exc}"
-        ) from exc
+    """Open a connection as ``Client._connect`` does, without blocking the loop."""
+    attempts = ConnectAttempts(client.settings, loop.time())
+    while True:
+        try:
+            return await _connect(loop, client.settings.socket_path)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            attempts.handshake_reset(exc, loop.time())
+            await asyncio.sleep(RECONNECT_PAUSE)
+            continue
+        except OSError as exc:
+            attempts.connect_failed(exc)
+        await loop.run_in_executor(None, start_daemon, client.settings, client.daemon_is_up)
+        attempts.started = True
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, socket_path: str) -> AsyncConnection:

@@ -49,6 +49,47 @@ RECONNECT_TIMEOUT = 10.0
 as a stopping or crashing daemon does."""
 
 
+RECONNECT_PAUSE = 0.05
+"""Seconds between two such attempts."""
+
+
+class ConnectAttempts:
+    """What a client does when a connection to the daemon fails, for the blocking and async clients.
+
+    A daemon that resets connections during the handshake is stopping or crashing. Its
+    successor, started by a supervisor, another client or auto-start here, is waited for
+    up to ``RECONNECT_TIMEOUT`` seconds. A socket that nobody listens on gets a daemon
+    started once, when auto-start is on.
+    """
+
+    __slots__ = ("settings", "deadline", "started")
+
+    def __init__(self, settings: Settings, now: float) -> None:
+        self.settings = settings
+        self.deadline = now + RECONNECT_TIMEOUT
+        self.started = False
+
+    def handshake_reset(self, error: OSError, now: float) -> None:
+        """Raise ``DaemonUnavailableError`` once resets have gone on for too long."""
+        if now > self.deadline:
+            raise DaemonUnavailableError(
+                f"the daemon on {self.settings.socket_path} kept closing connections during the handshake for "
+                f"{RECONNECT_TIMEOUT:g} s; check its log"
+            ) from error
+
+    def connect_failed(self, error: OSError) -> None:
+        """Raise ``DaemonUnavailableError`` unless starting a daemon may help."""
+        socket_path = self.settings.socket_path
+        if error.errno not in _NO_DAEMON_ERRORS:
+            raise DaemonUnavailableError(f"cannot connect to the daemon on {socket_path}: {error}") from error
+        if self.started:
+            raise DaemonUnavailableError(
+                f"the daemon started but refuses connections on {socket_path}: {error}"
+            ) from error
+        if not self.settings.autostart:
+            raise no_daemon_error(self.settings)
+
+
 class Request:
     """One operation for the daemon; ``write`` marks a request that changes data."""
 
@@ -320,37 +361,19 @@ class Client:
         self._pid = os.getpid()
 
     def _connect(self) -> SyncConnection:
-        """Open a connection, starting the daemon when none runs and auto-start is on.
-
-        A daemon that resets connections during the handshake is stopping or crashing;
-        its successor (started by a supervisor, another client, or auto-start here) is
-        waited for up to ``RECONNECT_TIMEOUT`` seconds.
-        """
-        socket_path = self.settings.socket_path
-        deadline = time.monotonic() + RECONNECT_TIMEOUT
-        started = False
+        """Open a connection, starting the daemon when none runs and auto-start is on."""
+        attempts = ConnectAttempts(self.settings, time.monotonic())
         while True:
             try:
-                return SyncConnection(socket_path, self.request_timeout)
+                return SyncConnection(self.settings.socket_path, self.request_timeout)
             except (ConnectionResetError, BrokenPipeError) as exc:
-                if time.monotonic() > deadline:
-                    raise DaemonUnavailableError(
-                        f"the daemon on {socket_path} kept closing connections during the handshake for "
-                        f"{RECONNECT_TIMEOUT:g} s; check its log"
-                    ) from exc
-                time.sleep(0.05)
+                attempts.handshake_reset(exc, time.monotonic())
+                time.sleep(RECONNECT_PAUSE)
                 continue
             except OSError as exc:
-                if exc.errno not in _NO_DAEMON_ERRORS:
-                    raise DaemonUnavailableError(f"cannot connect to the daemon on {socket_path}: {exc}") from exc
-                if started:
-                    raise DaemonUnavailableError(
-                        f"the daemon started but refuses connections on {socket_path}: {exc}"
-                    ) from exc
-            if not self.settings.autostart:
-                raise no_daemon_error(self.settings)
+                attempts.connect_failed(exc)
             start_daemon(self.settings, self.daemon_is_up)
-            started = True
+            attempts.started = True
 
     def daemon_is_up(self) -> bool:
         """Return whether a daemon accepts connections on the socket."""
