@@ -480,9 +480,10 @@ def test_objects_list_max_objects(daemon):
     assert Dict.objects.list(max_objects=0, environment_name=environment) == []
 
 
-def test_objects_list_negative_max_raises(daemon):
-    with pytest.raises(InvalidError, match="max_objects"):
-        Dict.objects.list(max_objects=-1)
+@pytest.mark.parametrize("max_objects", [-1, 1.5, True, "2"])
+def test_objects_list_bad_max_objects_raises(daemon, max_objects):
+    with pytest.raises(InvalidError, match=rf"max_objects={max_objects!r} is not a count; pass None or an int"):
+        Dict.objects.list(max_objects=max_objects)
 
 
 def test_objects_list_created_before(daemon):
@@ -649,6 +650,14 @@ def test_hydrate_client_serves_later_calls(daemon, monkeypatch):
     d.hydrate(client=daemon.client())
     d["key"] = "value"
     assert d["key"] == "value"
+
+
+def test_hydrate_positional_client_used(daemon, monkeypatch):
+    unreachable = Settings(socket_path="/nonexistent/sharedict.sock", data_dir="/nonexistent", autostart=False)
+    monkeypatch.setattr(Client, "_default", Client(unreachable))
+    d = Dict.from_name(unique("hydrated"), create_if_missing=True)
+    assert d.hydrate(daemon.client()) is d
+    assert asyncio.run(d.len.aio()) == 0
 
 
 def test_hydrate_aio(daemon):
@@ -856,6 +865,15 @@ def test_update_with_repeated_keys_keeps_first_positions(daemon):
     assert d.len() == 5
 
 
+def test_update_keywords_self_and_client_are_keys(daemon):
+    d = fresh_dict()
+    d.update(client="server-1", self=1, other=2, kwargs=3)
+    asyncio.run(d.update.aio(client="server-2", self=4))
+    d.put("client", "server-3", skip_if_exists=True)
+
+    assert dict(d.items()) == {"client": "server-2", "self": 4, "other": 2, "kwargs": 3}
+
+
 def test_update_of_many_entries_keeps_order(daemon):
     d = fresh_dict()
     d.update((i, "first") for i in range(0, 2 * PAGE_SIZE, 2))
@@ -909,6 +927,14 @@ def test_iteration_of_large_values(daemon):
 def test_iteration_of_empty_dict(daemon):
     d = fresh_dict()
     assert list(d.items()) == []
+
+
+def test_reversed_raises_type_error(daemon):
+    d = fresh_dict()
+    d.update({0: "zero", 1: "one"})
+    with pytest.raises(TypeError, match=r"use `reversed\(list\(d\.keys\(\)\)\)`"):
+        reversed(d)
+    assert list(reversed(list(d.keys()))) == [1, 0]
 
 
 def test_iteration_stopped_early(daemon):

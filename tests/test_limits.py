@@ -58,8 +58,9 @@ def test_value_over_limit_raises(daemon):
     with pytest.raises(RequestSizeError, match="100 MiB") as caught:
         d["big"] = value
     message = str(caught.value)
-    assert "value" in message
-    assert "'big'" in message
+    # Both sizes in bytes: in MiB the value would round to the limit.
+    expected = f"value of {MAX_OBJECT_SIZE + 1:,} bytes for key 'big' exceeds the 100 MiB ({MAX_OBJECT_SIZE:,} bytes)"
+    assert expected in message
     assert d.name in message
     assert "files" in message  # the fix: keep large objects in files
     assert d.len() == 0

@@ -64,9 +64,10 @@ def check_environment(environment_name: str | None) -> str:
     return check_name(environment_name, "environment name")
 
 
-def _mib(size: int) -> str:
-    # The byte count shows the excess that rounding to MiB hides, as in "100.0 MiB".
-    return f"{size / protocol.MiB:.1f} MiB ({size} bytes)"
+def _limit(limit: int) -> str:
+    # Sizes in messages are given in bytes, which MiB would round to the limit; the
+    # limit is given in both.
+    return f"{limit // protocol.MiB} MiB ({limit:,} bytes)"
 
 
 def _short_repr(obj: Any, limit: int = 80) -> str:
@@ -108,7 +109,7 @@ def _check_key_size(match_key: bytes, stored_key: bytes | None, dict_label: str)
     size = max(len(match_key), len(stored_key or b""))
     if size > protocol.MAX_OBJECT_SIZE:
         raise RequestSizeError(
-            f"key of {_mib(size)} exceeds the {protocol.MAX_OBJECT_SIZE // protocol.MiB} MiB limit for "
+            f"key of {size:,} bytes exceeds the {_limit(protocol.MAX_OBJECT_SIZE)} limit for "
             f"{dict_label}; use a smaller key, such as a hash of this one"
         )
 
@@ -132,8 +133,8 @@ def encode_request_value(key: Any, value: Any, dict_label: str) -> bytes:
 def _check_value_size(key: Any, data: bytes, dict_label: str) -> None:
     if len(data) > protocol.MAX_OBJECT_SIZE:
         raise RequestSizeError(
-            f"value of {_mib(len(data))} for key {_short_repr(key)} exceeds the "
-            f"{protocol.MAX_OBJECT_SIZE // protocol.MiB} MiB limit for {dict_label}; "
+            f"value of {len(data):,} bytes for key {_short_repr(key)} exceeds the "
+            f"{_limit(protocol.MAX_OBJECT_SIZE)} limit for {dict_label}; "
             "store large objects in files and keep their paths in the dict"
         )
 
@@ -171,8 +172,8 @@ def encode_update(items: list[tuple[Any, Any]], dict_label: str) -> list[tuple[b
             _check_value_size(key, data, dict_label)
     if total > protocol.MAX_FRAME_SIZE:
         raise RequestSizeError(
-            f"update of {_mib(total)} exceeds the {protocol.MAX_FRAME_SIZE // protocol.MiB} MiB limit of one "
-            f"request for {dict_label}; split it into several update() calls"
+            f"update of {total:,} bytes exceeds the {_limit(protocol.MAX_FRAME_SIZE)} limit of one request "
+            f"for {dict_label}; split it into several update() calls"
         )
     return entries
 

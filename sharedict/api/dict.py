@@ -499,6 +499,13 @@ class Dict:
 
     __iter__ = keys
 
+    def __reversed__(self) -> Iterator[Any]:
+        # Without this method, reversed() would fall back to the sequence protocol and
+        # read d[len(d) - 1] down to d[0]: values of int keys, or a KeyError.
+        raise TypeError(
+            "a Dict cannot be iterated in reverse; use `reversed(list(d.keys()))`, which reads every key first"
+        )
+
 
 def _restore_dict(object_id: str, name: str | None, environment_name: str) -> Dict:
     return Dict._handle(name=name, environment_name=environment_name, object_id=_parse_id(object_id))

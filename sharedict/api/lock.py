@@ -160,7 +160,7 @@ class _BoundLockOperation(BoundOperation):
 
     __slots__ = ()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         _warn_if_in_event_loop(self._name)
         lock = self._instance
         return run_blocking(self._function(lock, *args, **kwargs), lock._connections)
@@ -171,7 +171,7 @@ class _BoundAcquire(_BoundLockOperation):
 
     __slots__ = ()
 
-    def aio(self, *args: Any, **kwargs: Any) -> Awaitable[bool]:
+    def aio(self, /, *args: Any, **kwargs: Any) -> Awaitable[bool]:
         loop = _get_running_loop()
         if loop is None:
             return super().aio(*args, **kwargs)

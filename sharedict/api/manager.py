@@ -64,8 +64,10 @@ class DictManager:
         client: Client | None = None,
     ) -> Generator[Request, Any, list[Dict]]:
         """Return handles on the named dicts of an environment, newest first."""
-        if max_objects is not None and max_objects < 0:
-            raise InvalidError(f"max_objects={max_objects} is negative; pass None or a count of 0 or more")
+        if max_objects is not None and (
+            not isinstance(max_objects, int) or isinstance(max_objects, bool) or max_objects < 0
+        ):
+            raise InvalidError(f"max_objects={max_objects!r} is not a count; pass None or an int of 0 or more")
         environment_name = check_environment(environment_name)
         before = None if created_before is None else _aware_time(created_before)
 

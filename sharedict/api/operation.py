@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
+import sys
 import warnings
 from asyncio import _get_running_loop  # unlike get_running_loop(), returns None outside a loop
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
@@ -85,10 +87,6 @@ def _warn_if_in_event_loop(name: str, aio_form: str | None = None, blocking_form
         AsyncUsageWarning,
         stacklevel=3,
     )
-
-
-def _client_of(instance: Any, kwargs: dict[str, Any]) -> Client:
-    return kwargs.get("client") or getattr(instance, "_client", None) or Client.default()
 
 
 def run_blocking(body: OperationBody, client: Client) -> Any:
@@ -267,19 +265,36 @@ class AsyncItems:
 class BoundOperation:
     """An operation bound to its object: call it to block, or await ``.aio(...)``."""
 
-    __slots__ = ("_function", "_instance", "_name")
+    __slots__ = ("_function", "_instance", "_name", "_client_position")
 
-    def __init__(self, function: Callable[..., OperationBody], instance: Any, name: str) -> None:
+    def __init__(
+        self, function: Callable[..., OperationBody], instance: Any, name: str, client_position: int | None
+    ) -> None:
         self._function = function
         self._instance = instance
         self._name = name
+        self._client_position = client_position
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _client_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Client:
+        """Return the client that the call names, else the object's, else the default one."""
+        position = self._client_position
+        if position is not None:
+            # Only an operation with a ``client`` parameter reads one: to update() or
+            # put(), ``client`` is a key like any other.
+            client = args[position] if position < len(args) else kwargs.get("client")
+            if client is not None:
+                return client
+        return getattr(self._instance, "_client", None) or Client.default()
+
+    # The methods below take ``self`` positionally only, so that a keyword named
+    # ``self``, as in ``d.update(self=1)``, reaches the operation.
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         _warn_if_in_event_loop(self._name)
-        client = _client_of(self._instance, kwargs)
+        client = self._client_of(args, kwargs)
         return run_blocking(self._function(self._instance, *args, **kwargs), client)
 
-    def aio(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+    def aio(self, /, *args: Any, **kwargs: Any) -> Awaitable[Any]:
         """Return an awaitable that runs the operation on the event loop's connection.
 
         Inside a running event loop it is an ``AsyncCall``, which starts at once and which
@@ -293,11 +308,11 @@ class BoundOperation:
             # Python's warning about a coroutine that is never awaited names it by this.
             coroutine.__qualname__ = f"{self._name}.aio"
             return coroutine
-        client = _client_of(self._instance, kwargs)
+        client = self._client_of(args, kwargs)
         return AsyncCall(loop, client, self._function(self._instance, *args, **kwargs))
 
-    async def _run_async(self, *args: Any, **kwargs: Any) -> Any:
-        client = _client_of(self._instance, kwargs)
+    async def _run_async(self, /, *args: Any, **kwargs: Any) -> Any:
+        client = self._client_of(args, kwargs)
         body = self._function(self._instance, *args, **kwargs)
 
         # The same driver as run_blocking(), written out here so that a call creates no
@@ -323,14 +338,14 @@ class BoundIteration(BoundOperation):
 
     __slots__ = ()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Iterator[Any]:
         _warn_if_in_event_loop(self._name, f"async for ... in {self._name}.aio()")
-        client = _client_of(self._instance, kwargs)
+        client = self._client_of(args, kwargs)
         return iterate_blocking(self._function(self._instance, *args, **kwargs), client)
 
-    def aio(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+    def aio(self, /, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:  # type: ignore[override]
         """Return an async iterator over the operation's items."""
-        client = _client_of(self._instance, kwargs)
+        client = self._client_of(args, kwargs)
         return AsyncItems(self._function(self._instance, *args, **kwargs), client, self._name)
 
 
@@ -347,6 +362,7 @@ class operation:  # noqa: N801 - used as a decorator, like property
         self._function = function
         self._name = function.__name__
         self._owner: type | None = None
+        self._client_position = _client_position(function)
         functools.update_wrapper(self, function)  # type: ignore[arg-type]
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -358,7 +374,24 @@ class operation:  # noqa: N801 - used as a decorator, like property
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
             return self
-        return self.bound_class(self._function, instance, self._name)
+        return self.bound_class(self._function, instance, self._name, self._client_position)
+
+
+def _client_position(function: Callable[..., OperationBody]) -> int | None:
+    """Return where a call passes the ``client`` parameter of an operation.
+
+    That is its index among the positional arguments after ``self``, a number past any
+    call's arguments when it is keyword-only, or None when there is no such parameter.
+    """
+    parameters = list(inspect.signature(function).parameters.values())[1:]
+    for index, parameter in enumerate(parameters):
+        if parameter.name != "client":
+            continue
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
+            return sys.maxsize
+        if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            return index
+    return None
 
 
 class iteration(operation):  # noqa: N801
