@@ -584,6 +584,36 @@ def test_items_pipe_to_head_exits_quietly(name, child_env):
         assert completed.returncode == 1
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["get", "{name}", "key"], ["get", "{name}", "key", "--json"], ["items", "{name}"], ["list", "--json"]],
+    ids=["get", "get-json", "items", "list-json"],
+)
+def test_output_to_full_disk_fails(name, child_env, args):
+    Dict.from_name(name, create_if_missing=True)["key"] = "v" * 100_000
+    with open("/dev/full", "w") as full:
+        completed = subprocess.run(
+            [sys.executable, "-m", "sharedict", *(arg.format(name=name) for arg in args)],
+            env=child_env,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=CHILD_TIMEOUT,
+        )
+    assert completed.returncode == 1
+    assert completed.stderr == "Error: cannot write the output: No space left on device\n"
+
+
+def test_int_of_many_digits_prints(run, name):
+    # Python refuses to convert ints of over 4,300 digits to text unless the limit is lifted.
+    Dict.from_name(name, create_if_missing=True)["big"] = 10**5000
+    assert run("get", name, "big") == (0, "1" + "0" * 5000 + "\n", "")
+    assert run("get", name, "big", "--json") == (0, "1" + "0" * 5000 + "\n", "")
+    code, out, _ = run("items", name, "--json")
+    assert code == 0
+    assert json.loads(out) == [{"key": "big", "value": 10**5000}]
+
+
 # clear and delete.
 
 

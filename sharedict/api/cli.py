@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import importlib
 import io
 import json
@@ -91,6 +92,15 @@ class _OutputClosed(Exception):
     """The reader of stdout went away, as ``head`` does after its lines."""
 
 
+class _OutputFailed(Exception):
+    """Writing the output failed, as on a full disk; ``args[0]`` is the ``OSError``."""
+
+
+# Errors of a write that no command expects, since each command handles those of the
+# files it opens: they come from writing to stdout.
+_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
 class _CommandGroup(click.Group):
     """The command group: loads the data commands on first use, and lists commands in a fixed order."""
 
@@ -110,6 +120,10 @@ class _CommandGroup(click.Group):
             # click would catch the OSError itself and exit; as another type it reaches
             # main(), which also silences stdout.
             raise _OutputClosed from None
+        except OSError as exc:
+            if exc.errno not in _OUTPUT_ERRNOS:
+                raise
+            raise _OutputFailed(exc) from None
 
 
 @click.group(cls=_CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -120,6 +134,11 @@ def cli() -> None:
     Data commands start a daemon in the background when none runs, as any client does;
     set SHAREDICT_AUTOSTART=0 to make them fail instead.
     """
+    # Python refuses to convert ints of over 4,300 digits to text, a guard for servers
+    # that parse untrusted input. The commands print the user's own values, which may
+    # hold such ints, and parse what the user typed.
+    if hasattr(sys, "set_int_max_str_digits"):  # Python 3.10.7 and later
+        sys.set_int_max_str_digits(0)
 
 
 @cli.command()
@@ -444,6 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # SIGPIPE stays ignored, as Python sets it, because `serve` must never die of a
         # closed pipe.
         _discard_stdout()
+        return 1
+    except _OutputFailed as exc:
+        _discard_stdout()
+        click.echo(f"Error: cannot write the output: {exc.args[0].strerror}", err=True)
         return 1
     except Error as exc:
         click.echo(f"Error: {_one_line(str(exc))}", err=True)
