@@ -228,6 +228,17 @@ def test_fork_child_gets_own_connection(daemon):
     assert shared["child"] != os.getpid()
 
 
+def test_fork_child_gets_own_default_client(daemon):
+    parent_client = Client.default()
+
+    def child() -> None:
+        assert Client.default() is not parent_client
+        assert Client.default() is Client.default()
+
+    assert _run_in_fork(child) == 0
+    assert Client.default() is parent_client
+
+
 def test_fork_leaves_parent_connection_working(module_daemon):
     shared = Dict.from_name("fork-parent", create_if_missing=True)
     with Dict.ephemeral() as owned:

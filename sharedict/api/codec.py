@@ -77,16 +77,22 @@ def _short_repr(obj: Any, limit: int = 80) -> str:
 
 def encode_request_key(key: Any, dict_label: str) -> tuple[bytes, bytes | None]:
     """Encode a key for a request; raises ``TypeError``, ``SerializationError`` or ``RequestSizeError``."""
-    if type(key) is not str:
-        try:
-            hash(key)
-        except TypeError as exc:
-            # The message names the key and Python's reason, since a tuple is unhashable
-            # only because of an item, which the reason names.
-            raise TypeError(
-                f"unhashable key {_short_repr(key)} for {dict_label} ({exc}): keys must be hashable, "
-                "as in a Python dict; use a tuple instead of a list, or a frozenset instead of a set"
-            ) from exc
+    if type(key) is str:
+        # The common case, encoded here as encode_key() encodes it. A gathered get.aio
+        # costs the client about 6 µs, so two function calls fewer are worth it.
+        match_key = TAG_STR + key.encode("utf-8", "surrogatepass")
+        if len(match_key) > protocol.MAX_OBJECT_SIZE:
+            _check_key_size(match_key, None, dict_label)
+        return match_key, None
+    try:
+        hash(key)
+    except TypeError as exc:
+        # The message names the key and Python's reason, since a tuple is unhashable
+        # only because of an item, which the reason names.
+        raise TypeError(
+            f"unhashable key {_short_repr(key)} for {dict_label} ({exc}): keys must be hashable, "
+            "as in a Python dict; use a tuple instead of a list, or a frozenset instead of a set"
+        ) from exc
     try:
         match_key, stored_key = encode_key(key)
     except (Error, LookupNeeded):

@@ -58,7 +58,7 @@ class ConnectAttempts:
 
     A daemon that resets connections during the handshake is stopping or crashing. Its
     successor, started by a supervisor, another client or auto-start here, is waited for
-    up to ``RECONNECT_TIMEOUT`` seconds. A socket that nobody listens on gets a daemon
+    up to ``RECONNECT_TIMEOUT`` seconds. A socket with no daemon listening gets a daemon
     started once, when auto-start is on.
     """
 
@@ -289,10 +289,10 @@ class Client:
     @classmethod
     def default(cls) -> Client:
         client = cls._default
-        if client is None or client._pid != os.getpid():
+        if client is None:
             with cls._default_lock:
                 client = cls._default
-                if client is None or client._pid != os.getpid():
+                if client is None:
                     client = cls._default = cls()
         return client
 
@@ -392,6 +392,16 @@ class Client:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def _forget_default_client_after_fork() -> None:
+    # A child process gets a default client of its own. Checking the pid in default()
+    # instead would cost a system call on every call of every handle.
+    Client._default = None
+    Client._default_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_default_client_after_fork)
 
 
 class PendingRead:
