@@ -30,7 +30,7 @@ from helpers import start_serve, stop_process, wait_until
 from sharedict import Dict
 from sharedict.api import aio, protocol
 from sharedict.api.config import Settings
-from sharedict.api.errors import CODE_BY_ERROR, ProtocolError, RequestSizeError
+from sharedict.api.errors import CODE_BY_ERROR, DaemonUnavailableError, ProtocolError, RequestSizeError
 from sharedict.api.transport import Client, Request
 
 RECEIVE_TIMEOUT = 20.0
@@ -768,6 +768,28 @@ def test_async_client_waits_out_handshake_resets(tmp_path):
         assert fake.resets_left == 0
     finally:
         fake.close()
+        client.close()
+
+
+def test_async_handshake_with_silent_daemon_times_out(tmp_path, monkeypatch):
+    # A listening socket that never accepts: connect() succeeds and the hello waits.
+    directory = tempfile.mkdtemp(prefix="sd-silent-", dir="/tmp")
+    socket_path = os.path.join(directory, "sharedict.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path)
+    listener.listen(8)
+    monkeypatch.setattr(aio, "HANDSHAKE_TIMEOUT", 0.5)
+    client = Client(Settings(socket_path=socket_path, data_dir=str(tmp_path), autostart=False))
+
+    async def call() -> Any:
+        return await asyncio.wait_for(aio.call_async(client, Request(protocol.STATUS)), RECEIVE_TIMEOUT)
+
+    try:
+        with pytest.raises(DaemonUnavailableError, match=r"did not answer hello within 0\.5 s"):
+            asyncio.run(call())
+    finally:
+        listener.close()
+        shutil.rmtree(directory, ignore_errors=True)
         client.close()
 
 

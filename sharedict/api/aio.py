@@ -42,6 +42,7 @@ from sharedict.api import protocol
 from sharedict.api.autostart import start_daemon
 from sharedict.api.errors import DaemonUnavailableError, ProtocolError, error_from_code
 from sharedict.api.transport import (
+    HANDSHAKE_TIMEOUT,
     RECONNECT_PAUSE,
     Client,
     ConnectAttempts,
@@ -419,9 +420,14 @@ async def _connect(loop: asyncio.AbstractEventLoop, socket_path: str) -> AsyncCo
         future = _ReplyFuture(loop=loop)
         conn.send(Request(protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid()), future)
         try:
-            conn.server_info = await future
+            conn.server_info = await asyncio.wait_for(future, HANDSHAKE_TIMEOUT)
         except (NotSent, ReplyLost):
             raise ConnectionResetError(errno.ECONNRESET, "the daemon closed the connection at once") from None
+        except asyncio.TimeoutError:
+            raise DaemonUnavailableError(
+                f"the daemon on {socket_path} did not answer {protocol.HELLO} within {HANDSHAKE_TIMEOUT:g} s; "
+                "it may be stopped or overloaded, so check it with `sharedict status` and its log"
+            ) from None
         conn._closer = _close_at_loop_shutdown(conn)
         await conn._closer.__anext__()
     except BaseException:
