@@ -586,8 +586,15 @@ def test_items_pipe_to_head_exits_quietly(name, child_env):
 
 @pytest.mark.parametrize(
     "args",
-    [["get", "{name}", "key"], ["get", "{name}", "key", "--json"], ["items", "{name}"], ["list", "--json"]],
-    ids=["get", "get-json", "items", "list-json"],
+    [
+        ["get", "{name}", "key"],
+        ["get", "{name}", "key", "--json"],
+        ["items", "{name}"],
+        ["list", "--json"],
+        ["--help"],
+        ["--version"],
+    ],
+    ids=["get", "get-json", "items", "list-json", "help", "version"],
 )
 def test_output_to_full_disk_fails(name, child_env, args):
     Dict.from_name(name, create_if_missing=True)["key"] = "v" * 100_000
@@ -607,11 +614,14 @@ def test_output_to_full_disk_fails(name, child_env, args):
 def test_int_of_many_digits_prints(run, name):
     # Python refuses to convert ints of over 4,300 digits to text unless the limit is lifted.
     Dict.from_name(name, create_if_missing=True)["big"] = 10**5000
+    default_limit = getattr(sys, "get_int_max_str_digits", lambda: None)()  # Python 3.10.7 and later
     assert run("get", name, "big") == (0, "1" + "0" * 5000 + "\n", "")
     assert run("get", name, "big", "--json") == (0, "1" + "0" * 5000 + "\n", "")
     code, out, _ = run("items", name, "--json")
     assert code == 0
-    assert json.loads(out) == [{"key": "big", "value": 10**5000}]
+    assert f'"value": 1{"0" * 5000}}}' in out
+    # Restored for a program that calls main().
+    assert getattr(sys, "get_int_max_str_digits", lambda: None)() == default_limit
 
 
 # clear and delete.

@@ -92,10 +92,6 @@ class _OutputClosed(Exception):
     """The reader of stdout went away, as ``head`` does after its lines."""
 
 
-class _OutputFailed(Exception):
-    """Writing the output failed, as on a full disk; ``args[0]`` is the ``OSError``."""
-
-
 # Errors of a write that no command expects, since each command handles those of the
 # files it opens: they come from writing to stdout.
 _OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
@@ -120,10 +116,6 @@ class _CommandGroup(click.Group):
             # click would catch the OSError itself and exit; as another type it reaches
             # main(), which also silences stdout.
             raise _OutputClosed from None
-        except OSError as exc:
-            if exc.errno not in _OUTPUT_ERRNOS:
-                raise
-            raise _OutputFailed(exc) from None
 
 
 @click.group(cls=_CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -134,11 +126,6 @@ def cli() -> None:
     Data commands start a daemon in the background when none runs, as any client does;
     set SHAREDICT_AUTOSTART=0 to make them fail instead.
     """
-    # Python refuses to convert ints of over 4,300 digits to text, a guard for servers
-    # that parse untrusted input. The commands print the user's own values, which may
-    # hold such ints, and parse what the user typed.
-    if hasattr(sys, "set_int_max_str_digits"):  # Python 3.10.7 and later
-        sys.set_int_max_str_digits(0)
 
 
 @cli.command()
@@ -450,6 +437,20 @@ def _discard_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    # Python refuses to convert ints of over 4,300 digits to text, a guard for servers
+    # that parse untrusted input. The commands print the user's own values, which may
+    # hold such ints, and parse what the user typed.
+    max_digits = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else None
+    if max_digits is not None:  # Python 3.10.7 and later
+        sys.set_int_max_str_digits(0)
+    try:
+        return _run(argv)
+    finally:
+        if max_digits is not None:
+            sys.set_int_max_str_digits(max_digits)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         result = cli.main(args=list(argv) if argv is not None else None, prog_name="sharedict", standalone_mode=False)
     except click.exceptions.Abort:
@@ -464,9 +465,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # closed pipe.
         _discard_stdout()
         return 1
-    except _OutputFailed as exc:
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRNOS:
+            raise
         _discard_stdout()
-        click.echo(f"Error: cannot write the output: {exc.args[0].strerror}", err=True)
+        click.echo(f"Error: cannot write the output: {exc.strerror}", err=True)
         return 1
     except Error as exc:
         click.echo(f"Error: {_one_line(str(exc))}", err=True)
