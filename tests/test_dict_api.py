@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from typing import Any
+from unittest import mock
 
 import cloudpickle
 import pytest
@@ -658,6 +659,36 @@ def test_hydrate_positional_client_used(daemon, monkeypatch):
     d = Dict.from_name(unique("hydrated"), create_if_missing=True)
     assert d.hydrate(daemon.client()) is d
     assert asyncio.run(d.len.aio()) == 0
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: Dict.from_name("kv", client="oops"),
+        lambda: Dict.from_id("di-0123456789abcdef", client="oops"),
+        lambda: Dict.ephemeral(client="oops"),
+        lambda: Dict.objects.list(client="oops"),
+    ],
+    ids=["from_name", "from_id", "ephemeral", "objects-list"],
+)
+def test_bad_client_raises(daemon, call):
+    with pytest.raises(TypeError, match=r"client='oops' is not a sharedict Client"):
+        call()
+
+
+def test_hydrate_with_bad_client_leaves_handle_working(daemon):
+    d = Dict.from_name(unique("hydrated"), create_if_missing=True)
+    with pytest.raises(TypeError, match=r"client='oops' is not a sharedict Client"):
+        d.hydrate("oops")
+    d["key"] = "value"
+    assert d["key"] == "value"
+
+
+def test_patched_method_reaches_used_handle(daemon):
+    d = fresh_dict()
+    d.get("key")
+    with mock.patch.object(Dict, "get", return_value="patched"):
+        assert d.get("key") == "patched"
 
 
 def test_hydrate_aio(daemon):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -406,6 +408,57 @@ def test_forked_child_does_not_own_parent_lock(daemon):
     assert os.waitstatus_to_exitcode(wait_status) == 0, "the child saw a token or could release the lock"
     assert Lock.from_name("forked").acquire(blocking=False) is False
     lock.release()
+
+
+def test_forked_child_locks_while_parent_holds_mutex(daemon):
+    lock = Lock.from_name("fork-mutex")
+    lock.acquire()
+    lock.release()
+
+    # A parent's thread inside release() or extend() holds this mutex, and a fork copies
+    # it held into a child where that thread does not exist.
+    with lock._connections._mutex:
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                if lock.acquire(timeout=5):
+                    lock.release()
+                    status = 0
+            finally:
+                os._exit(status)
+
+    deadline = time.monotonic() + 20
+    while True:
+        done, wait_status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung on the mutex copied from its parent")
+        time.sleep(0.02)
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+
+
+def test_dropped_lock_object_frees_lock(daemon):
+    # Without the cycle collector, only reference counting can free the Lock object.
+    gc.disable()
+    try:
+        holder = Lock.from_name("dropped", lease=None)
+        assert holder.acquire()
+        del holder
+        other = Lock.from_name("dropped", lease=None)
+        wait_until(lambda: other.acquire(blocking=False), "the dropped holder's lock is free")
+        other.release()
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("client", ["oops", 0.5])
+def test_lock_with_bad_client_raises(client):
+    with pytest.raises(TypeError, match=rf"client={client!r} is not a sharedict Client"):
+        Lock.from_name("bad-client", client=client)
 
 
 # Order.

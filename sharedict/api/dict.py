@@ -19,6 +19,7 @@ Guarantees:
 from __future__ import annotations
 
 import datetime
+import weakref
 from asyncio import _get_running_loop  # unlike get_running_loop(), returns None outside a loop
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from sharedict.api.errors import (
     RequestSizeError,
 )
 from sharedict.api.operation import Items, OperationBody, _warn_if_in_event_loop, iteration, operation
-from sharedict.api.transport import Client, Request
+from sharedict.api.transport import Client, Request, check_client
 
 PAGE_SIZE = 1000
 _PLAIN_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
@@ -89,6 +90,7 @@ class Dict:
     _id: bytes | None
     _info: DictInfo | None
     _label: str  # names the dict in messages
+    _reply_errors: _ReplyErrors
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError(
@@ -109,10 +111,11 @@ class Dict:
         handle._name = name
         handle._environment_name = environment_name
         handle._create_if_missing = create_if_missing
-        handle._client = client
+        handle._client = check_client(client)
         handle._id = object_id
         handle._info = None
         handle._label = handle._describe()
+        handle._reply_errors = _ReplyErrors(handle)
         return handle
 
     # Constructors. None of them does I/O: the first call on the handle looks it up.
@@ -257,13 +260,17 @@ class Dict:
         """Send ``op`` about this dict and return its result.
 
         The request contains the dict's id, then the match key of ``key`` when one is given,
-        then ``args``. The key is encoded first, so that a bad key sends nothing, and the
-        dict is looked up next if this handle has not done it yet. A dict deleted since
-        the lookup raises ``NotFoundError``. A ``ConnectionLostError``,
-        ``DaemonUnavailableError`` or ``RequestSizeError`` from the transport names the dict.
+        then ``args``; see ``_prepared`` and ``_reply_errors``.
+        """
+        request = yield from self._prepared(op, *args, key=key, write=write)
+        with self._reply_errors:
+            return (yield request)
 
-        All three steps run in this one generator: a gather makes thousands of reads,
-        and each generator that one of them delegates to adds about a twentieth of its cost.
+    def _prepared(self, op: str, *args: Any, key: Any = _NO_KEY, write: bool = False) -> Generator[Request, Any, Request]:
+        """Return the request of ``op``, after the lookups that it needs.
+
+        The key is encoded first, so that a bad key sends nothing, and the dict is looked
+        up next if this handle has not done it yet.
         """
         if key is not _NO_KEY:
             if type(key) in _PLAIN_TYPES:
@@ -275,12 +282,21 @@ class Dict:
         object_id = self._id
         if object_id is None or not self._environment_name:
             object_id = yield from self._hydrated()
-        try:
-            return (yield Request(op, object_id, *args, write=write))
-        except NotFoundError:
-            raise NotFoundError(self._deleted_message()) from None
-        except (ConnectionLostError, DaemonUnavailableError, RequestSizeError) as exc:
-            raise type(exc)(f"{self._label}: {exc}") from None
+        return Request(op, object_id, *args, write=write)
+
+    def _key_request(self, op: str, key: Any, write: bool = False) -> Request | None:
+        """Return the request of ``op`` about ``key``, or None when it needs a lookup first.
+
+        No lookup is needed once the handle has looked its dict up, for a key of a plain
+        type, in which no handle can hide. The operations of a single key call this
+        before ``_prepared``: delegating to a generator, even one that never yields,
+        costs every call a generator object and an extra frame at each step.
+        """
+        object_id = self._id
+        if object_id is None or not self._environment_name or type(key) not in _PLAIN_TYPES:
+            return None
+        match_key, _ = encode_request_key(key, self._label)
+        return Request(op, object_id, match_key, write=write)
 
     def _deleted_message(self) -> str:
         if self._name is None:
@@ -363,7 +379,9 @@ class Dict:
     @operation
     def get(self, key: Any, default: Any = None) -> Generator[Request, Any, Any]:
         """Return the value of ``key``, or ``default`` when the key is missing."""
-        found, data = yield from self._request(protocol.GET, key=key)
+        request = self._key_request(protocol.GET, key) or (yield from self._prepared(protocol.GET, key=key))
+        with self._reply_errors:
+            found, data = yield request
         if not found:
             return default
         return decode_value(data, key, self._label)
@@ -371,7 +389,9 @@ class Dict:
     @operation
     def __getitem__(self, key: Any) -> Generator[Request, Any, Any]:
         """Return the value of ``key``; raises ``KeyError`` when the key is missing."""
-        found, data = yield from self._request(protocol.GET, key=key)
+        request = self._key_request(protocol.GET, key) or (yield from self._prepared(protocol.GET, key=key))
+        with self._reply_errors:
+            found, data = yield request
         if not found:
             raise KeyError(key)
         return decode_value(data, key, self._label)
@@ -379,7 +399,9 @@ class Dict:
     @operation
     def contains(self, key: Any) -> Generator[Request, Any, bool]:
         """Return whether ``key`` is present."""
-        return (yield from self._request(protocol.CONTAINS, key=key))
+        request = self._key_request(protocol.CONTAINS, key) or (yield from self._prepared(protocol.CONTAINS, key=key))
+        with self._reply_errors:
+            return (yield request)
 
     __contains__ = contains
 
@@ -446,7 +468,11 @@ class Dict:
         otherwise. A value that cannot be unpickled here raises ``DeserializationError``
         after the entry was removed.
         """
-        found, data = yield from self._request(protocol.POP, key=key, write=True)
+        request = self._key_request(protocol.POP, key, write=True) or (
+            yield from self._prepared(protocol.POP, key=key, write=True)
+        )
+        with self._reply_errors:
+            found, data = yield request
         if not found:
             if default is _MISSING:
                 raise KeyError(key)
@@ -459,7 +485,11 @@ class Dict:
     @operation
     def __delitem__(self, key: Any) -> Generator[Request, Any, None]:
         """Remove ``key``; raises ``KeyError`` when the key is missing."""
-        found, _ = yield from self._request(protocol.POP, key=key, write=True)
+        request = self._key_request(protocol.POP, key, write=True) or (
+            yield from self._prepared(protocol.POP, key=key, write=True)
+        )
+        with self._reply_errors:
+            found, _ = yield request
         if not found:
             raise KeyError(key)
 
@@ -507,6 +537,33 @@ class Dict:
         )
 
 
+class _ReplyErrors:
+    """A context manager that names a dict in the errors of a reply about it.
+
+    A dict deleted since its lookup raises ``NotFoundError`` that says so, and a
+    ``ConnectionLostError``, ``DaemonUnavailableError`` or ``RequestSizeError`` from the
+    transport gets the dict's label. Each handle has one, which every call reuses; it
+    refers to its handle weakly, so that dropping a handle frees it at once.
+    """
+
+    __slots__ = ("_handle",)
+
+    def __init__(self, handle: Dict) -> None:
+        self._handle = weakref.ref(handle)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> None:
+        if kind is None:
+            return
+        handle = self._handle()  # alive: the operation that runs this holds it
+        if issubclass(kind, NotFoundError):
+            raise NotFoundError(handle._deleted_message()) from None
+        if issubclass(kind, (ConnectionLostError, DaemonUnavailableError, RequestSizeError)):
+            raise kind(f"{handle._label}: {error}") from None
+
+
 def _restore_dict(object_id: str, name: str | None, environment_name: str) -> Dict:
     return Dict._handle(name=name, environment_name=environment_name, object_id=_parse_id(object_id))
 
@@ -518,7 +575,7 @@ class EphemeralDict:
     """The context manager of ``Dict.ephemeral()``, for ``with`` and ``async with``."""
 
     def __init__(self, client: Client | None, environment_name: str) -> None:
-        self._client = client
+        self._client = check_client(client)
         self._environment_name = environment_name
         self._dict: Dict | None = None
 

@@ -30,7 +30,7 @@ from sharedict.api.async_call import UndoableCall
 from sharedict.api.codec import check_environment, check_name
 from sharedict.api.errors import ConnectionLostError, InvalidError, LockNotOwnedError, LockTimeoutError
 from sharedict.api.operation import BoundOperation, _warn_if_in_event_loop, operation, run_blocking
-from sharedict.api.transport import Client, Request, SyncConnection, _NotSent, _ReplyLost
+from sharedict.api.transport import Client, Request, SyncConnection, _NotSent, _ReplyLost, check_client
 
 OWNER_SIZE = 16
 # An acquire whose connection breaks is sent again on a new one, at most this many times
@@ -83,15 +83,29 @@ class _PinnedConnections:
 
     def __init__(self, client: Client | None) -> None:
         self._client = client
+        self._pid = os.getpid()
         self._mutex = threading.Lock()
         self._pinned: dict[bytes, SyncConnection] = {}
 
     def client(self) -> Client:
         return self._client or Client.default()
 
+    def _guard(self) -> threading.Lock:
+        """Return the mutex of the pinned connections, made anew in a forked child.
+
+        A fork copies the mutex as it is, held if another thread was releasing or
+        extending at that moment, and that thread does not exist in the child. The
+        parent's pinned connections are not the child's either.
+        """
+        if self._pid != os.getpid():
+            self._mutex = threading.Lock()
+            self._pinned = {}
+            self._pid = os.getpid()
+        return self._mutex
+
     def holds(self, owner: bytes) -> bool:
         """Return whether a connection of this process is pinned to ``owner``."""
-        with self._mutex:
+        with self._guard():
             conn = self._pinned.get(owner)
             return conn is not None and not conn.closed and conn.pid == os.getpid()
 
@@ -109,7 +123,7 @@ class _PinnedConnections:
         if token is None:
             client._checkin(conn)
         else:
-            with self._mutex:
+            with self._guard():
                 self._pinned[request.args[2]] = conn
         return token
 
@@ -117,7 +131,7 @@ class _PinnedConnections:
         owner = request.args[2]
         # The mutex keeps a release and an extend of one hold from using the connection at
         # the same time. Holding it is cheap, because neither request waits for the lock.
-        with self._mutex:
+        with self._guard():
             conn = self._pinned.get(owner)
             if conn is None or conn.pid != os.getpid():
                 raise _NotPinned
@@ -245,8 +259,8 @@ class Lock:
         lock._environment_name = check_environment(environment_name)
         lock._lease = _check_seconds("lease", lease, positive=True)
         lock._timeout = _check_seconds("timeout", timeout, positive=False)
-        lock._client = client
-        lock._connections = _PinnedConnections(client)
+        lock._client = check_client(client)
+        lock._connections = _PinnedConnections(lock._client)
         lock._state_lock = threading.Lock()
         lock._hold = None
         return lock

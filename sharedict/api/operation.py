@@ -38,7 +38,7 @@ from typing import Any
 from sharedict.api.aio import call_async
 from sharedict.api.async_call import AsyncCall
 from sharedict.api.errors import AsyncUsageWarning
-from sharedict.api.transport import Client, PendingRead, Request
+from sharedict.api.transport import Client, PendingRead, Request, check_client
 
 OperationBody = Generator[Any, Any, Any]
 
@@ -281,7 +281,7 @@ class BoundOperation:
         if position is not None:
             # Only an operation with a ``client`` parameter reads one: to update() or
             # put(), ``client`` is a key like any other.
-            client = args[position] if position < len(args) else kwargs.get("client")
+            client = check_client(args[position] if position < len(args) else kwargs.get("client"))
             if client is not None:
                 return client
         return getattr(self._instance, "_client", None) or Client.default()
@@ -362,26 +362,21 @@ class operation:  # noqa: N801 - used as a decorator, like property
         self._function = function
         self._name = function.__name__
         self._owner: type | None = None
-        self._attribute = function.__name__
         self._client_position = _client_position(function)
         functools.update_wrapper(self, function)  # type: ignore[arg-type]
 
     def __set_name__(self, owner: type, name: str) -> None:
         if self._owner is None:
             self._owner = owner
-            self._attribute = name
             # Messages name the operation as callers write it, such as Dict.objects.list.
             self._name = f"{getattr(owner, 'api_name', owner.__name__)}.{name}"
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
             return self
-        bound = self.bound_class(self._function, instance, self._name, self._client_position)
-        # Kept in the instance, which Python looks in before this descriptor, so that the
-        # next `d.get` costs a lookup instead of a new object: a gather of 10,000
-        # `d.get.aio()` calls makes 10,000 lookups.
-        instance.__dict__[self._attribute] = bound
-        return bound
+        # A new object each time: one kept in the instance would make a cycle that only
+        # the garbage collector frees, and a dropped Lock must release its lock at once.
+        return self.bound_class(self._function, instance, self._name, self._client_position)
 
 
 def _client_position(function: Callable[..., OperationBody]) -> int | None:

@@ -54,7 +54,7 @@ RECONNECT_PAUSE = 0.05
 
 
 class ConnectAttempts:
-    """What a client does when a connection to the daemon fails, for the blocking and async clients.
+    """The policy of the blocking and async clients when a connection to the daemon fails.
 
     A daemon that resets connections during the handshake is stopping or crashing. Its
     successor, started by a supervisor, another client or auto-start here, is waited for
@@ -394,6 +394,16 @@ class Client:
             conn.close()
 
 
+def check_client(client: Any) -> Client | None:
+    """Return ``client`` if it is a ``Client`` or None; raise ``TypeError`` otherwise."""
+    if client is None or isinstance(client, Client):
+        return client
+    raise TypeError(
+        f"client={client!r} is not a sharedict Client; pass a Client(Settings(...)) or leave it out "
+        "to use the default one"
+    )
+
+
 def _forget_default_client_after_fork() -> None:
     # A child process gets a default client of its own. Checking the pid in default()
     # instead would cost a system call on every call of every handle.
@@ -471,10 +481,3 @@ class PendingRead:
             conn.close()  # a half-read reply would confuse the next request
             raise
         self._client._checkin(conn)
-
-
-def _reset_default_after_fork() -> None:
-    Client._default_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_default_after_fork)
