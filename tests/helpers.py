@@ -178,3 +178,17 @@ def kill_pid(pid: int) -> None:
     if not wait_until(lambda: process_is_gone(pid), timeout=STOP_TIMEOUT):
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: process_is_gone(pid), timeout=STOP_TIMEOUT)
+
+
+def wait_for_child(pid: int, timeout: float) -> int:
+    """Return the exit code of a forked child; kill it if it hangs, as a deadlock would."""
+    deadline = time.monotonic() + timeout
+    while True:
+        finished, wait_status = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            return os.waitstatus_to_exitcode(wait_status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"the forked child {pid} hung for {timeout:g} s")
+        time.sleep(0.02)

@@ -21,6 +21,7 @@ import cloudpickle
 import pytest
 
 import sharedict
+from helpers import wait_for_child
 from sharedict import (
     AlreadyExistsError,
     Client,
@@ -684,6 +685,13 @@ def test_hydrate_with_bad_client_leaves_handle_working(daemon):
     assert d["key"] == "value"
 
 
+def test_operation_called_through_class(daemon):
+    d = fresh_dict()
+    Dict.put(d, "key", "value")
+    assert Dict.get(d, "key") == "value"
+    assert Dict.get(d, "missing", "default") == "default"
+
+
 def test_patched_method_reaches_used_handle(daemon):
     d = fresh_dict()
     d.get("key")
@@ -1193,20 +1201,6 @@ def test_threads_race_on_pop(daemon):
     assert results.count(None) == 7
 
 
-def wait_for_child(pid: int) -> int:
-    """Return the exit code of a forked child; kill it if it hangs, as a deadlock would."""
-    deadline = time.monotonic() + WAIT_TIMEOUT
-    while True:
-        finished, wait_status = os.waitpid(pid, os.WNOHANG)
-        if finished:
-            return os.waitstatus_to_exitcode(wait_status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail(f"the forked child {pid} hung for {WAIT_TIMEOUT} s")
-        time.sleep(0.02)
-
-
 def run_forked(child_body) -> int:
     """Run ``child_body`` in a forked child and return its exit code."""
     pid = os.fork()
@@ -1217,7 +1211,7 @@ def run_forked(child_body) -> int:
             status = 0
         finally:
             os._exit(status)
-    return wait_for_child(pid)
+    return wait_for_child(pid, WAIT_TIMEOUT)
 
 
 @pytest.mark.parametrize("explicit_client", [False, True])
@@ -1301,7 +1295,7 @@ def test_fork_child_ephemeral_deleted_on_exit(daemon):
     os.close(write_end)
     dict_id = os.read(read_end, 100).decode()
     os.close(read_end)
-    wait_for_child(pid)
+    wait_for_child(pid, WAIT_TIMEOUT)
 
     assert dict_id.startswith("di-")
     wait_until(lambda: not dict_exists(dict_id), f"the daemon deleted {dict_id}")

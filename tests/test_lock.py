@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from helpers import wait_for_child
 from sharedict import Dict, InvalidError, Lock, LockNotOwnedError, LockTimeoutError
 from sharedict.api import cli, protocol
 from sharedict.api.transport import Request
@@ -410,14 +412,16 @@ def test_forked_child_does_not_own_parent_lock(daemon):
     lock.release()
 
 
-def test_forked_child_locks_while_parent_holds_mutex(daemon):
-    lock = Lock.from_name("fork-mutex")
+@pytest.mark.parametrize("mutex", ["connections", "state"])
+def test_forked_child_locks_while_parent_holds_mutex(daemon, mutex):
+    lock = Lock.from_name(f"fork-{mutex}")
     lock.acquire()
     lock.release()
 
-    # A parent's thread inside release() or extend() holds this mutex, and a fork copies
-    # it held into a child where that thread does not exist.
-    with lock._connections._mutex:
+    # A parent's thread inside acquire(), release() or extend() holds these mutexes, and
+    # a fork copies them held into a child where that thread does not exist.
+    held = lock._connections._mutex if mutex == "connections" else lock._state_lock
+    with held:
         pid = os.fork()
         if pid == 0:
             status = 1
@@ -428,17 +432,24 @@ def test_forked_child_locks_while_parent_holds_mutex(daemon):
             finally:
                 os._exit(status)
 
-    deadline = time.monotonic() + 20
-    while True:
-        done, wait_status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung on the mutex copied from its parent")
-        time.sleep(0.02)
-    assert os.waitstatus_to_exitcode(wait_status) == 0
+    assert wait_for_child(pid, 20) == 0
+
+
+@pytest.mark.parametrize("copy_function", [copy.copy, copy.deepcopy], ids=["copy", "deepcopy"])
+def test_copied_lock_holds_nothing(daemon, copy_function):
+    holder = Lock.from_name("copied", lease=None)
+    assert holder.acquire()
+    duplicate = copy_function(holder)
+
+    assert duplicate.token is None
+    assert duplicate.name == "copied"
+    assert duplicate.lease is None
+    with pytest.raises(LockNotOwnedError):
+        duplicate.release()
+    assert duplicate.acquire(blocking=False) is False
+    holder.release()
+    assert duplicate.acquire(blocking=False) is True
+    duplicate.release()
 
 
 def test_dropped_lock_object_frees_lock(daemon):

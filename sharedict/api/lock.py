@@ -21,6 +21,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from asyncio import _get_running_loop  # unlike get_running_loop(), returns None outside a loop
 from collections.abc import Awaitable, Generator
 from typing import Any
@@ -83,29 +84,20 @@ class _PinnedConnections:
 
     def __init__(self, client: Client | None) -> None:
         self._client = client
-        self._pid = os.getpid()
         self._mutex = threading.Lock()
         self._pinned: dict[bytes, SyncConnection] = {}
 
     def client(self) -> Client:
         return self._client or Client.default()
 
-    def _guard(self) -> threading.Lock:
-        """Return the mutex of the pinned connections, made anew in a forked child.
-
-        A fork copies the mutex as it is, held if another thread was releasing or
-        extending at that moment, and that thread does not exist in the child. The
-        parent's pinned connections are not the child's either.
-        """
-        if self._pid != os.getpid():
-            self._mutex = threading.Lock()
-            self._pinned = {}
-            self._pid = os.getpid()
-        return self._mutex
+    def forget_after_fork(self) -> None:
+        """Start afresh in a forked child, whose pinned connections are its parent's."""
+        self._mutex = threading.Lock()
+        self._pinned = {}
 
     def holds(self, owner: bytes) -> bool:
         """Return whether a connection of this process is pinned to ``owner``."""
-        with self._guard():
+        with self._mutex:
             conn = self._pinned.get(owner)
             return conn is not None and not conn.closed and conn.pid == os.getpid()
 
@@ -123,7 +115,7 @@ class _PinnedConnections:
         if token is None:
             client._checkin(conn)
         else:
-            with self._guard():
+            with self._mutex:
                 self._pinned[request.args[2]] = conn
         return token
 
@@ -131,7 +123,7 @@ class _PinnedConnections:
         owner = request.args[2]
         # The mutex keeps a release and an extend of one hold from using the connection at
         # the same time. Holding it is cheap, because neither request waits for the lock.
-        with self._guard():
+        with self._mutex:
             conn = self._pinned.get(owner)
             if conn is None or conn.pid != os.getpid():
                 raise _NotPinned
@@ -202,6 +194,21 @@ class _acquire_operation(_lock_operation):  # noqa: N801 - used as a decorator
     bound_class = _BoundAcquire
 
 
+# Every Lock of the process, for the fork hook below.
+_locks: weakref.WeakSet[Lock] = weakref.WeakSet()
+
+
+def _renew_locks_after_fork() -> None:
+    # A fork copies each mutex as it is: held, if another thread was inside acquire(),
+    # release() or extend() at that moment, by a thread that does not exist in the child.
+    for lock in list(_locks):
+        lock._state_lock = threading.Lock()
+        lock._connections.forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_renew_locks_after_fork)
+
+
 class Lock:
     """A named lock with a lease, shared by every thread, process and event loop of the machine.
 
@@ -263,6 +270,7 @@ class Lock:
         lock._connections = _PinnedConnections(lock._client)
         lock._state_lock = threading.Lock()
         lock._hold = None
+        _locks.add(lock)
         return lock
 
     @property
@@ -301,6 +309,20 @@ class Lock:
         if self._environment_name != "main":
             options += f", environment_name={self._environment_name!r}"
         return f"sharedict.Lock.from_name({self._name!r}{options})"
+
+    def __copy__(self) -> Lock:
+        # A copy is a new handle on the same lock, holding nothing: a field-by-field copy
+        # would share this object's hold and connections, and release its acquisition.
+        return Lock.from_name(
+            self._name,
+            lease=self._lease,
+            timeout=self._timeout,
+            environment_name=self._environment_name,
+            client=self._client,
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Lock:
+        return self.__copy__()
 
     @property
     def _label(self) -> str:

@@ -378,6 +378,10 @@ class operation:  # noqa: N801 - used as a decorator, like property
         # the garbage collector frees, and a dropped Lock must release its lock at once.
         return self.bound_class(self._function, instance, self._name, self._client_position)
 
+    def __call__(self, instance: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """Call the operation through its class, as in ``Dict.get(d, key)``, like a method."""
+        return self.__get__(instance)(*args, **kwargs)
+
 
 def _client_position(function: Callable[..., OperationBody]) -> int | None:
     """Return where a call passes the ``client`` parameter of an operation.
