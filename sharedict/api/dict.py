@@ -19,7 +19,6 @@ Guarantees:
 from __future__ import annotations
 
 import datetime
-import weakref
 from asyncio import _get_running_loop  # unlike get_running_loop(), returns None outside a loop
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -54,6 +53,8 @@ from sharedict.api.transport import Client, Request, check_client
 PAGE_SIZE = 1000
 _PLAIN_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
 _MISSING = object()
+# The errors of a reply that _reply_error rewrites.
+_REPLY_ERRORS = (NotFoundError, ConnectionLostError, DaemonUnavailableError, RequestSizeError)
 _NO_KEY = object()
 _Encoded = TypeVar("_Encoded")
 
@@ -90,7 +91,6 @@ class Dict:
     _id: bytes | None
     _info: DictInfo | None
     _label: str  # names the dict in messages
-    _reply_errors: _ReplyErrors
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError(
@@ -115,7 +115,6 @@ class Dict:
         handle._id = object_id
         handle._info = None
         handle._label = handle._describe()
-        handle._reply_errors = _ReplyErrors(handle)
         return handle
 
     # Constructors. None of them does I/O: the first call on the handle looks it up.
@@ -260,11 +259,13 @@ class Dict:
         """Send ``op`` about this dict and return its result.
 
         The request contains the dict's id, then the match key of ``key`` when one is given,
-        then ``args``; see ``_prepared`` and ``_reply_errors``.
+        then ``args``; see ``_prepared`` and ``_reply_error``.
         """
         request = yield from self._prepared(op, *args, key=key, write=write)
-        with self._reply_errors:
+        try:
             return (yield request)
+        except _REPLY_ERRORS as exc:
+            raise self._reply_error(exc) from None
 
     def _prepared(self, op: str, *args: Any, key: Any = _NO_KEY, write: bool = False) -> Generator[Request, Any, Request]:
         """Return the request of ``op``, after the lookups that it needs.
@@ -283,6 +284,17 @@ class Dict:
         if object_id is None or not self._environment_name:
             object_id = yield from self._hydrated()
         return Request(op, object_id, *args, write=write)
+
+    def _reply_error(self, error: Exception) -> Exception:
+        """Return the error to raise for an error reply about this dict.
+
+        A dict deleted since its lookup gets a ``NotFoundError`` that says so, and a
+        ``ConnectionLostError``, ``DaemonUnavailableError`` or ``RequestSizeError`` from the
+        transport gets the dict's label.
+        """
+        if isinstance(error, NotFoundError):
+            return NotFoundError(self._deleted_message())
+        return type(error)(f"{self._label}: {error}")
 
     def _key_request(self, op: str, key: Any, write: bool = False) -> Request | None:
         """Return the request of ``op`` about ``key``, or None when it needs a lookup first.
@@ -380,8 +392,10 @@ class Dict:
     def get(self, key: Any, default: Any = None) -> Generator[Request, Any, Any]:
         """Return the value of ``key``, or ``default`` when the key is missing."""
         request = self._key_request(protocol.GET, key) or (yield from self._prepared(protocol.GET, key=key))
-        with self._reply_errors:
+        try:
             found, data = yield request
+        except _REPLY_ERRORS as exc:
+            raise self._reply_error(exc) from None
         if not found:
             return default
         return decode_value(data, key, self._label)
@@ -390,8 +404,10 @@ class Dict:
     def __getitem__(self, key: Any) -> Generator[Request, Any, Any]:
         """Return the value of ``key``; raises ``KeyError`` when the key is missing."""
         request = self._key_request(protocol.GET, key) or (yield from self._prepared(protocol.GET, key=key))
-        with self._reply_errors:
+        try:
             found, data = yield request
+        except _REPLY_ERRORS as exc:
+            raise self._reply_error(exc) from None
         if not found:
             raise KeyError(key)
         return decode_value(data, key, self._label)
@@ -400,8 +416,10 @@ class Dict:
     def contains(self, key: Any) -> Generator[Request, Any, bool]:
         """Return whether ``key`` is present."""
         request = self._key_request(protocol.CONTAINS, key) or (yield from self._prepared(protocol.CONTAINS, key=key))
-        with self._reply_errors:
+        try:
             return (yield request)
+        except _REPLY_ERRORS as exc:
+            raise self._reply_error(exc) from None
 
     __contains__ = contains
 
@@ -471,8 +489,10 @@ class Dict:
         request = self._key_request(protocol.POP, key, write=True) or (
             yield from self._prepared(protocol.POP, key=key, write=True)
         )
-        with self._reply_errors:
+        try:
             found, data = yield request
+        except _REPLY_ERRORS as exc:
+            raise self._reply_error(exc) from None
         if not found:
             if default is _MISSING:
                 raise KeyError(key)
@@ -488,8 +508,10 @@ class Dict:
         request = self._key_request(protocol.POP, key, write=True) or (
             yield from self._prepared(protocol.POP, key=key, write=True)
         )
-        with self._reply_errors:
+        try:
             found, _ = yield request
+        except _REPLY_ERRORS as exc:
+            raise self._reply_error(exc) from None
         if not found:
             raise KeyError(key)
 
@@ -535,33 +557,6 @@ class Dict:
         raise TypeError(
             "a Dict cannot be iterated in reverse; use `reversed(list(d.keys()))`, which reads every key first"
         )
-
-
-class _ReplyErrors:
-    """A context manager that names a dict in the errors of a reply about it.
-
-    A dict deleted since its lookup raises ``NotFoundError`` that says so, and a
-    ``ConnectionLostError``, ``DaemonUnavailableError`` or ``RequestSizeError`` from the
-    transport gets the dict's label. Each handle has one, which every call reuses; it
-    refers to its handle weakly, so that dropping a handle frees it at once.
-    """
-
-    __slots__ = ("_handle",)
-
-    def __init__(self, handle: Dict) -> None:
-        self._handle = weakref.ref(handle)
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> None:
-        if kind is None:
-            return
-        handle = self._handle()  # alive: the operation that runs this holds it
-        if issubclass(kind, NotFoundError):
-            raise NotFoundError(handle._deleted_message()) from None
-        if issubclass(kind, (ConnectionLostError, DaemonUnavailableError, RequestSizeError)):
-            raise kind(f"{handle._label}: {error}") from None
 
 
 def _restore_dict(object_id: str, name: str | None, environment_name: str) -> Dict:
