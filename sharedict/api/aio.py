@@ -49,6 +49,7 @@ from sharedict.api.transport import (
     Request,
     check_daemon_user,
     lost_write_error,
+    reply_timeout_error,
     request_size_error,
 )
 
@@ -418,16 +419,14 @@ async def _connect(loop: asyncio.AbstractEventLoop, socket_path: str) -> AsyncCo
         check_daemon_user(sock, socket_path)
         await loop.create_unix_connection(lambda: conn, sock=sock)
         future = _ReplyFuture(loop=loop)
-        conn.send(Request(protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid()), future)
+        hello = Request(protocol.HELLO, protocol.PROTOCOL_VERSION, os.getpid())
+        conn.send(hello, future)
         try:
             conn.server_info = await asyncio.wait_for(future, HANDSHAKE_TIMEOUT)
         except (NotSent, ReplyLost):
             raise ConnectionResetError(errno.ECONNRESET, "the daemon closed the connection at once") from None
         except asyncio.TimeoutError:
-            raise DaemonUnavailableError(
-                f"the daemon on {socket_path} did not answer {protocol.HELLO} within {HANDSHAKE_TIMEOUT:g} s; "
-                "it may be stopped or overloaded, so check it with `sharedict status` and its log"
-            ) from None
+            raise reply_timeout_error(socket_path, hello, HANDSHAKE_TIMEOUT) from None
         conn._closer = _close_at_loop_shutdown(conn)
         await conn._closer.__anext__()
     except BaseException:

@@ -112,6 +112,18 @@ def request_size_error(request: Request, size: int) -> RequestSizeError:
     )
 
 
+def reply_timeout_error(socket_path: str, request: Request, timeout: float) -> DaemonUnavailableError:
+    """Return the error for a request whose reply did not arrive within ``timeout`` seconds."""
+    # A write that the daemon has read may still be applied once it catches up.
+    maybe_applied = ""
+    if request.write:
+        maybe_applied = "; the write may or may not be applied, so read back what it changes"
+    return DaemonUnavailableError(
+        f"the daemon on {socket_path} did not answer {request.op} within {timeout:g} s{maybe_applied}; "
+        "it may be stopped or overloaded, so check it with `sharedict status` and its log"
+    )
+
+
 def lost_write_error(request: Request) -> ConnectionLostError:
     """Return the error for a write whose connection broke after it was sent."""
     return ConnectionLostError(
@@ -240,15 +252,8 @@ class SyncConnection:
                 data = self._sock.recv(RECV_SIZE)
             except TimeoutError:
                 self.close()
-                # A write that the daemon has read may still be applied once it catches up.
-                maybe_applied = ""
-                if request.write:
-                    maybe_applied = "; the write may or may not be applied, so read back what it changes"
-                raise DaemonUnavailableError(
-                    f"the daemon on {self.socket_path} did not answer {op} within "
-                    f"{self._sock.gettimeout() or HANDSHAKE_TIMEOUT:g} s{maybe_applied}; it may be stopped or "
-                    "overloaded, so check it with `sharedict status` and its log"
-                ) from None
+                timeout = self._sock.gettimeout() or HANDSHAKE_TIMEOUT
+                raise reply_timeout_error(self.socket_path, request, timeout) from None
             except OSError as exc:
                 self.close()
                 raise _ReplyLost from exc
