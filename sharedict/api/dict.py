@@ -288,27 +288,28 @@ class Dict:
     def _reply_error(self, error: Exception) -> Exception:
         """Return the error to raise for an error reply about this dict.
 
-        A dict deleted since its lookup gets a ``NotFoundError`` that says so, and a
-        ``ConnectionLostError``, ``DaemonUnavailableError`` or ``RequestSizeError`` from the
-        transport gets the dict's label.
+        A ``NotFoundError`` becomes one that reports the dict as deleted since its lookup.
+        A ``ConnectionLostError``, ``DaemonUnavailableError`` or ``RequestSizeError`` from
+        the transport gets the dict's label in front of its message.
         """
         if isinstance(error, NotFoundError):
             return NotFoundError(self._deleted_message())
         return type(error)(f"{self._label}: {error}")
 
-    def _key_request(self, op: str, key: Any, write: bool = False) -> Request | None:
-        """Return the request of ``op`` about ``key``, or None when it needs a lookup first.
+    def _key_request(self, op: str, key: Any) -> Request | None:
+        """Return the read ``op`` of ``key``, or None when it needs a lookup first.
 
         No lookup is needed once the handle has looked its dict up, for a key of a plain
-        type, in which no handle can hide. The operations of a single key call this
-        before ``_prepared``: delegating to a generator, even one that never yields,
-        costs every call a generator object and an extra frame at each step.
+        type, in which no handle can hide. The reads of a single key, which a gather
+        makes by the thousand, call this before ``_prepared``: delegating to a generator,
+        even one that never yields, costs every call a generator object and an extra
+        frame at each step.
         """
         object_id = self._id
         if object_id is None or not self._environment_name or type(key) not in _PLAIN_TYPES:
             return None
         match_key, _ = encode_request_key(key, self._label)
-        return Request(op, object_id, match_key, write=write)
+        return Request(op, object_id, match_key)
 
     def _deleted_message(self) -> str:
         if self._name is None:
@@ -486,13 +487,7 @@ class Dict:
         otherwise. A value that cannot be unpickled here raises ``DeserializationError``
         after the entry was removed.
         """
-        request = self._key_request(protocol.POP, key, write=True) or (
-            yield from self._prepared(protocol.POP, key=key, write=True)
-        )
-        try:
-            found, data = yield request
-        except _REPLY_ERRORS as exc:
-            raise self._reply_error(exc) from None
+        found, data = yield from self._request(protocol.POP, key=key, write=True)
         if not found:
             if default is _MISSING:
                 raise KeyError(key)
@@ -505,13 +500,7 @@ class Dict:
     @operation
     def __delitem__(self, key: Any) -> Generator[Request, Any, None]:
         """Remove ``key``; raises ``KeyError`` when the key is missing."""
-        request = self._key_request(protocol.POP, key, write=True) or (
-            yield from self._prepared(protocol.POP, key=key, write=True)
-        )
-        try:
-            found, _ = yield request
-        except _REPLY_ERRORS as exc:
-            raise self._reply_error(exc) from None
+        found, _ = yield from self._request(protocol.POP, key=key, write=True)
         if not found:
             raise KeyError(key)
 
