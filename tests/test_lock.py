@@ -420,8 +420,8 @@ def test_forked_child_locks_while_parent_holds_mutex(daemon, mutex):
 
     # A parent's thread inside acquire(), release() or extend() holds these mutexes, and
     # a fork copies them held into a child where that thread does not exist.
-    held = lock._connections._mutex if mutex == "connections" else lock._state_lock
-    with held:
+    parent_mutex = lock._connections._mutex if mutex == "connections" else lock._state_lock
+    with parent_mutex:
         pid = os.fork()
         if pid == 0:
             status = 1

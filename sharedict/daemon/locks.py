@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_TIMER_WAIT = 3600.0
-"""Longest sleep of the timer thread, in seconds, before it checks the deadlines again."""
+"""Maximum sleep of the timer thread, in seconds, before it checks the deadlines again."""
 
 MAX_OWNER_SIZE = 64
 
